@@ -37,6 +37,12 @@ VARIANTS: dict[str, VariantSpec] = {
     ),
     "esc_fp": VariantSpec("esc_fp", "ESCFP", {**_ESC, "dim": 48, "num_heads": 3, "proj_ratio": 1.5}),
     "esc_real": VariantSpec("esc_real", "ESCReal", {**_ESC, "n_blocks": 10, "exp_ratio": 2.0}, scales=(4,)),
+    # esc-stream's own CPU-friendly configuration (not in the paper): the embedded default models use it.
+    "esc_small": VariantSpec(
+        "esc_small",
+        "ESC",
+        {**_ESC, "dim": 48, "pdim": 12, "n_blocks": 2, "conv_blocks": 4, "window_size": 16, "num_heads": 3},
+    ),
 }
 
 

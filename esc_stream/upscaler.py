@@ -1,0 +1,168 @@
+"""`Upscaler`: one model on one device, called on frames; `load()` builds one from a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointError, ModelDescriptor, load_model
+from .reparam import prepare_for_inference
+from .tiling import upscale_tensor
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """Where the embedded default model for a scale lives, and whether it exists yet."""
+
+    scale: int
+
+    @property
+    def path(self) -> Path:
+        return Path(str(resources.files("esc_stream") / "weights" / f"esc_stream_default_x{self.scale}.safetensors"))
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+
+class Upscaler:
+    """Upscale frames with an ESC network.
+
+    Call it on a numpy HxWx3 (or NxHxWx3) array of uint8, uint16 or float32 in [0, 1], or on a torch
+    Nx3xHxW float tensor; the same kind comes back, `scale` times larger.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        descriptor: ModelDescriptor,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        tile: int | None = None,
+        overlap: int = 16,
+        pretrained: bool = True,
+        source: str = "",
+    ) -> None:
+        self.descriptor = descriptor
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tile = tile
+        self.overlap = overlap
+        self.pretrained = pretrained
+        self.source = source
+        self.model = prepare_for_inference(model).to(self.device, dtype)
+
+    @property
+    def scale(self) -> int:
+        return self.descriptor.scale
+
+    @property
+    def variant(self) -> str:
+        return self.descriptor.variant
+
+    @property
+    def window_size(self) -> int:
+        return int(self.descriptor.config["window_size"])
+
+    def __repr__(self) -> str:
+        kind = "pretrained" if self.pretrained else "RANDOM WEIGHTS"
+        return f"Upscaler({self.variant} x{self.scale}, {kind}, device={self.device}, tile={self.tile})"
+
+    @torch.inference_mode()
+    def upscale_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) float in [0, 1] on any device -> (N, 3, sH, sW) on this upscaler's device, unclamped."""
+        x = x.to(self.device, self.dtype)
+        return upscale_tensor(self.model, x, self.scale, self.window_size, self.tile, self.overlap)
+
+    def __call__(self, frames: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        if isinstance(frames, torch.Tensor):
+            return self._call_tensor(frames)
+        if isinstance(frames, np.ndarray):
+            return self._call_numpy(frames)
+        raise TypeError(f"expected a numpy array or torch tensor, got {type(frames).__name__}")
+
+    def _call_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            return self._call_tensor(x.unsqueeze(0))[0]
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an Nx3xHxW tensor, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected a float tensor in [0, 1], got {x.dtype}")
+        out = self.upscale_tensor(x).clamp_(0, 1)
+        return out.to(x.device, x.dtype)
+
+    def _call_numpy(self, frames: np.ndarray) -> np.ndarray:
+        single = frames.ndim == 3
+        batch = frames[None] if single else frames
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"expected an HxWx3 or NxHxWx3 array, got shape {frames.shape}")
+        if batch.dtype == np.uint8:
+            peak = 255.0
+        elif batch.dtype == np.uint16:
+            peak = 65535.0
+        elif batch.dtype in (np.float32, np.float64, np.float16):
+            peak = 1.0
+        else:
+            raise ValueError(f"unsupported pixel type {batch.dtype}; use uint8, uint16 or float32")
+        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(torch.float32)
+        if peak != 1.0:
+            x = x / peak
+        y = self.upscale_tensor(x).clamp_(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        if peak != 1.0:
+            y = np.rint(y * peak).astype(batch.dtype)
+        else:
+            y = y.astype(batch.dtype)
+        return y[0] if single else y
+
+
+def _random_model(scale: int) -> tuple[nn.Module, ModelDescriptor]:
+    from .models import VARIANTS
+
+    spec = VARIANTS["esc_light"]
+    desc = ModelDescriptor(spec.arch, {"proj_ratio": 2.0, **spec.config}, scale, "esc_light")
+    torch.manual_seed(0)
+    return desc.build(), desc
+
+
+def load(
+    weights: str | Path | None = None,
+    *,
+    scale: int = 2,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    tile: int | None = None,
+    overlap: int = 16,
+    allow_random: bool = True,
+) -> Upscaler:
+    """Build an Upscaler from a checkpoint, or from the embedded default model for `scale`.
+
+    Until a default model for `scale` ships, `weights=None` gives ESC-light with random weights
+    (`Upscaler.pretrained` is False) unless `allow_random=False`, which raises CheckpointError.
+    """
+    if tile is not None and tile < 1:
+        raise ValueError(f"tile must be a positive number of pixels, got {tile}")
+    if overlap < 0:
+        raise ValueError(f"overlap must be >= 0, got {overlap}")
+    pretrained = True
+    if weights is None:
+        default = DefaultModel(scale)
+        if default.exists():
+            model, desc = load_model(default.path)
+            source = f"embedded default model ({default.path.name})"
+        elif allow_random:
+            model, desc = _random_model(scale)
+            pretrained = False
+            source = "ESC-light with RANDOM weights (no default model for this scale ships yet)"
+        else:
+            raise CheckpointError(f"no embedded default model for x{scale}; pass a checkpoint with --weights")
+    else:
+        model, desc = load_model(weights)
+        source = str(weights)
+    return Upscaler(
+        model, desc, device=device, dtype=dtype, tile=tile, overlap=overlap, pretrained=pretrained, source=source
+    )

@@ -1,0 +1,96 @@
+"""Training data: HR images held in memory, paired LR/HR patches made on the fly (MATLAB bicubic)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from esc_stream.resize import resize_matrix
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such image folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no images in it")
+    return files
+
+
+def read_rgb(path: Path) -> torch.Tensor:
+    """(3, H, W) uint8 tensor."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+@lru_cache(maxsize=8)
+def _matrices(hr: int, lr: int, scale: int) -> torch.Tensor:
+    return resize_matrix(hr, lr, 1.0 / scale).to(torch.float32)
+
+
+def bicubic_down(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """(N, C, sH, sW) float -> (N, C, H, W) with MATLAB bicubic (antialiased)."""
+    h, w = hr.shape[-2] // scale, hr.shape[-1] // scale
+    mh = _matrices(hr.shape[-2], h, scale)
+    mw = _matrices(hr.shape[-1], w, scale)
+    return mh @ hr @ mw.T
+
+
+class PatchSampler:
+    """Random (LR, HR) patch batches from in-memory HR images, with flips and 90-degree rotations.
+
+    All randomness comes from `generator`, whose state is saved with the checkpoint so a resumed run draws
+    exactly the batches it would have drawn.
+    """
+
+    def __init__(self, images: list[torch.Tensor], scale: int, lr_patch: int, batch: int) -> None:
+        self.scale = scale
+        self.lr_patch = lr_patch
+        self.batch = batch
+        hr_patch = lr_patch * scale
+        self.images = [im for im in images if im.shape[1] >= hr_patch and im.shape[2] >= hr_patch]
+        if not self.images:
+            raise ValueError(f"no training image is at least {hr_patch}x{hr_patch}")
+        self.generator = torch.Generator().manual_seed(0)
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        hp = self.lr_patch * self.scale
+        crops = []
+        for _ in range(self.batch):
+            im = self.images[self._randint(len(self.images))]
+            y = self._randint(im.shape[1] - hp + 1)
+            x = self._randint(im.shape[2] - hp + 1)
+            crop = im[:, y : y + hp, x : x + hp]
+            if self._randint(2):
+                crop = crop.flip(2)
+            if self._randint(2):
+                crop = crop.flip(1)
+            if self._randint(2):
+                crop = crop.transpose(1, 2)
+            crops.append(crop)
+        hr = torch.stack(crops).float() / 255.0
+        lr = bicubic_down(hr, self.scale)
+        # LR is quantised to 8 bits, as a real decoded frame would be
+        lr = (lr.clamp(0, 1) * 255.0).round() / 255.0
+        return lr, hr
+
+
+def load_images(folder: str | Path, limit: int | None = None) -> list[torch.Tensor]:
+    files = list_images(folder)
+    if limit:
+        files = files[:limit]
+    return [read_rgb(p) for p in files]
