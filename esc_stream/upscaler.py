@@ -93,7 +93,7 @@ class Upscaler:
             raise ValueError(f"expected an Nx3xHxW tensor, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"expected a float tensor in [0, 1], got {x.dtype}")
-        out = self.upscale_tensor(x).clamp_(0, 1)
+        out = self.upscale_tensor(x).clamp(0, 1)
         return out.to(x.device, x.dtype)
 
     def _call_numpy(self, frames: np.ndarray) -> np.ndarray:
@@ -109,10 +109,10 @@ class Upscaler:
             peak = 1.0
         else:
             raise ValueError(f"unsupported pixel type {batch.dtype}; use uint8, uint16 or float32")
-        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(torch.float32)
+        x = torch.from_numpy(np.require(batch, requirements=["C", "W"])).permute(0, 3, 1, 2).to(torch.float32)
         if peak != 1.0:
             x = x / peak
-        y = self.upscale_tensor(x).clamp_(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        y = self.upscale_tensor(x).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         if peak != 1.0:
             y = np.rint(y * peak).astype(batch.dtype)
         else:

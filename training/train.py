@@ -100,9 +100,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-        )
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: lr_factor(cfg, it))
         self.sampler = PatchSampler(
             images if images is not None else load_images(cfg.train_dir), cfg.scale, cfg.lr_patch, cfg.batch
@@ -208,16 +206,30 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 eta = (cfg.iters - it) / rate / 3600
                 loss = sum(losses) / len(losses)
                 lr_now = trainer.opt.param_groups[0]["lr"]
-                writer.writerow([it, f"{loss:.5f}", f"{lr_now:.3g}", f"{m['psnr']:.3f}", f"{m['ssim']:.4f}",
-                                 f"{m['bicubic_psnr']:.3f}", f"{dt:.1f}"])
+                writer.writerow(
+                    [
+                        it,
+                        f"{loss:.5f}",
+                        f"{lr_now:.3g}",
+                        f"{m['psnr']:.3f}",
+                        f"{m['ssim']:.4f}",
+                        f"{m['bicubic_psnr']:.3f}",
+                        f"{dt:.1f}",
+                    ]
+                )
                 f.flush()
-                log(f"iter {it}/{cfg.iters} loss {loss:.4f} lr {lr_now:.2e} | EMA PSNR {m['psnr']:.2f} dB "
-                    f"SSIM {m['ssim']:.4f} (bicubic {m['bicubic_psnr']:.2f}) | {rate:.2f} it/s, ETA {eta:.1f} h")
+                log(
+                    f"iter {it}/{cfg.iters} loss {loss:.4f} lr {lr_now:.2e} | EMA PSNR {m['psnr']:.2f} dB "
+                    f"SSIM {m['ssim']:.4f} (bicubic {m['bicubic_psnr']:.2f}) | {rate:.2f} it/s, ETA {eta:.1f} h"
+                )
                 if m["psnr"] > best:
                     best = m["psnr"]
-                    save_checkpoint(out / "best_ema.safetensors", trainer.model, trainer.ema,
-                                    extra={"iter": it, "psnr_y": f"{best:.3f}", "variant": cfg.variant,
-                                           "scale": cfg.scale})
+                    save_checkpoint(
+                        out / "best_ema.safetensors",
+                        trainer.model,
+                        trainer.ema,
+                        extra={"iter": it, "psnr_y": f"{best:.3f}", "variant": cfg.variant, "scale": cfg.scale},
+                    )
                     best_path.write_text(f"{best:.4f} {it}\n")
                 t0, losses = time.time(), []
     return out

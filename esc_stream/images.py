@@ -1,0 +1,138 @@
+"""Still-image I/O for the `image` command: 8- and 16-bit, alpha, EXIF orientation, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or written; the message names the file."""
+
+
+@dataclass
+class Picture:
+    """RGB pixels (HxWx3, uint8 or uint16) and an optional alpha plane of the same type."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None = None
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    with open(path, "rb") as f:
+        head = f.read(33)
+    if len(head) < 29 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24]
+
+
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, *range(2, a.ndim)),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 1)[::-1],  # transverse
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
+    f = _ORIENT.get(orientation)
+    return np.ascontiguousarray(f(a)) if f else a
+
+
+def _read_16bit_png(path: Path) -> Picture:
+    import av
+
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        has_alpha = "a" in frame.format.name.replace("gray", "")
+        arr = frame.to_ndarray(format="rgba64le" if has_alpha else "rgb48le")
+    with Image.open(path) as im:
+        orientation = im.getexif().get(0x0112, 1)
+    arr = _orient(arr, orientation)
+    if has_alpha:
+        return Picture(np.ascontiguousarray(arr[..., :3]), np.ascontiguousarray(arr[..., 3]))
+    return Picture(arr)
+
+
+def read_image(path: str | Path) -> Picture:
+    """Read an image file as RGB (+ alpha), honouring EXIF orientation; 16-bit PNG stays 16-bit."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    try:
+        if _png_bit_depth(path) == 16:
+            return _read_16bit_png(path)
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+            im = im.convert("RGBA" if has_alpha else "RGB")
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, StopIteration, struct.error) as exc:
+        raise ImageError(f"{path}: not a readable image ({exc or type(exc).__name__})") from None
+    except Exception as exc:  # PyAV's decoder errors
+        raise ImageError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+    if has_alpha:
+        return Picture(np.ascontiguousarray(arr[..., :3]), np.ascontiguousarray(arr[..., 3]))
+    return Picture(np.ascontiguousarray(arr))
+
+
+def _write_16bit_png(tmp: Path, pic: Picture) -> None:
+    import av
+
+    arr = pic.rgb if pic.alpha is None else np.dstack([pic.rgb, pic.alpha])
+    fmt = "rgb48le" if pic.alpha is None else "rgba64le"
+    out_fmt = "rgb48be" if pic.alpha is None else "rgba64be"
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format=fmt)
+    with av.open(str(tmp), "w", format="image2") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height = arr.shape[1], arr.shape[0]
+        stream.pix_fmt = out_fmt
+        for packet in stream.encode(frame.reformat(format=out_fmt)):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def check_output(path: str | Path, bits: int = 8) -> None:
+    """Fail early (before any work) if `path` cannot be written as an image of this bit depth."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise ImageError(f"{path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder")
+    ext = path.suffix.lower()
+    if bits == 16 and ext != ".png":
+        raise ImageError(f"{path}: 16-bit output needs a .png name")
+    if ext not in Image.registered_extensions():
+        raise ImageError(f"{path}: cannot write this image type (unknown file extension: {ext or 'none'})")
+
+
+def write_image(path: str | Path, pic: Picture) -> Path:
+    """Write under a temporary name in the same folder, then rename into place."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise ImageError(f"{path}: folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        if pic.rgb.dtype == np.uint16:
+            if path.suffix.lower() != ".png":
+                raise ImageError(f"{path}: 16-bit output needs a .png name")
+            _write_16bit_png(tmp, pic)
+        else:
+            arr = pic.rgb if pic.alpha is None else np.dstack([pic.rgb, pic.alpha])
+            try:
+                Image.fromarray(arr).save(tmp, format=Image.registered_extensions().get(path.suffix.lower()))
+            except (KeyError, ValueError, OSError) as exc:
+                raise ImageError(f"{path}: cannot write this image type ({exc})") from None
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
