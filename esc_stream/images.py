@@ -70,11 +70,10 @@ def read_image(path: str | Path) -> Picture:
     try:
         if _png_bit_depth(path) == 16:
             return _read_16bit_png(path)
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-            im = im.convert("RGBA" if has_alpha else "RGB")
-            arr = np.asarray(im)
+        with Image.open(path) as src:
+            upright = ImageOps.exif_transpose(src)
+            has_alpha = upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info
+            arr = np.asarray(upright.convert("RGBA" if has_alpha else "RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, StopIteration, struct.error) as exc:
         raise ImageError(f"{path}: not a readable image ({exc or type(exc).__name__})") from None
     except Exception as exc:  # PyAV's decoder errors

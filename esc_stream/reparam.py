@@ -41,9 +41,10 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if hasattr(model, "plk_filter") and not getattr(model, "baked", False):
-        model.plk_filter.data = geometric_ensemble(model.plk_filter.data).contiguous()
-        model.baked = True
+    plk = getattr(model, "plk_filter", None)
+    if isinstance(plk, nn.Parameter) and not getattr(model, "baked", False):
+        plk.data = geometric_ensemble(plk.data).contiguous()
+        model.baked = True  # type: ignore[assignment]
     for m in model.modules():
         if isinstance(m, WindowAttention):
             m.freeze()
@@ -51,8 +52,8 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
             if isinstance(m.proj, ConvFFN) and type(m.ln_proj) is LayerNorm:
                 _fold_ln_into_1x1(m.ln_proj, m.proj.proj)
             if type(m.ln_attn) is LayerNorm:
-                _fold_ln_into_1x1(m.ln_attn, m.attn.to_qkv)
+                _fold_ln_into_1x1(m.ln_attn, m.attn.to_qkv)  # type: ignore[arg-type]
             for ln, ffn in zip(m.lns, m.convffns, strict=True):
                 if type(ln) is LayerNorm:
-                    _fold_ln_into_1x1(ln, ffn.proj)
+                    _fold_ln_into_1x1(ln, ffn.proj)  # type: ignore[arg-type]
     return model

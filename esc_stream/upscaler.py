@@ -44,7 +44,7 @@ class Upscaler:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         tile: int | None = None,
-        overlap: int = 16,
+        overlap: int = 64,
         pretrained: bool = True,
         source: str = "",
     ) -> None:
@@ -136,7 +136,7 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     tile: int | None = None,
-    overlap: int = 16,
+    overlap: int = 64,
     allow_random: bool = True,
 ) -> Upscaler:
     """Build an Upscaler from a checkpoint, or from the embedded default model for `scale`.

@@ -67,6 +67,8 @@ def relative_position_index(window: int) -> torch.Tensor:
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside non-overlapping square windows, with a relative position bias."""
 
+    rpe_index: torch.Tensor
+
     def __init__(self, dim: int, window_size: int, num_heads: int) -> None:
         super().__init__()
         self.dim = dim
@@ -137,14 +139,15 @@ class ConvolutionalAttention(nn.Module):
         super().__init__()
         self.pdim = pdim
         self.sk_size = 3
+        to_kernels = nn.Conv2d(pdim // hidden_div, pdim * self.sk_size**2, 1)
+        nn.init.zeros_(to_kernels.weight)  # starts as a plain large-kernel conv, as the official init
+        nn.init.zeros_(to_kernels.bias)  # type: ignore[arg-type]
         self.dwc_proj = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(pdim, pdim // hidden_div, 1),
             nn.GELU(),
-            nn.Conv2d(pdim // hidden_div, pdim * self.sk_size**2, 1),
+            to_kernels,
         )
-        nn.init.zeros_(self.dwc_proj[-1].weight)
-        nn.init.zeros_(self.dwc_proj[-1].bias)
 
     def dynamic_kernels(self, x1: torch.Tensor) -> torch.Tensor:
         """(B*pdim, 1, 3, 3) kernels predicted from the pooled partial channels."""
