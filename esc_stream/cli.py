@@ -116,6 +116,107 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    k, v = text.split("=", 1)
+    return k, v
+
+
+class _ProgressLine:
+    """One self-overwriting status line on stderr: frames, fps, ETA."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.last = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, info, elapsed: float) -> None:
+        if self.quiet or (elapsed - self.last < (0.25 if self.tty else 5.0) and done != info.frames):
+            return
+        self.last = elapsed
+        fps = done / elapsed if elapsed > 0 else 0.0
+        total = info.frames
+        if total > 0:
+            left = max(total - done, 0) / fps if fps > 0 else 0.0
+            approx = "~" if info.frames_estimated else ""
+            text = f"frame {done}/{approx}{total} ({100 * done / max(total, 1):.0f}%)  {fps:.2f} fps  ETA {left:.0f} s"
+        else:
+            text = f"frame {done}  {fps:.2f} fps"
+        print(("\r" if self.tty else "") + text, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if not self.quiet and self.tty:
+            print(file=sys.stderr)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .video.probe import VideoError, probe
+
+    try:
+        print(probe(args.input).describe())
+    except VideoError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+def cmd_transcode(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .video.probe import VideoError, probe
+    from .video.transcode import TranscodeOptions, _check_paths, output_format, transcode
+
+    src, dst = Path(args.input), Path(args.output)
+    opts = TranscodeOptions(
+        codec=args.codec,
+        crf=args.crf,
+        preset=args.preset,
+        pix_fmt=args.pix_fmt,
+        encoder_options=dict(args.encoder_option or []),
+        audio=not args.no_audio,
+        subtitles=not args.no_subtitles,
+        overwrite=args.overwrite,
+    )
+    try:  # everything about the input and output is checked before the model loads
+        _check_paths(src, dst, opts.overwrite)
+        output_format(dst)
+        info = probe(src)
+    except VideoError as exc:
+        raise UserError(str(exc)) from None
+    up = _load_upscaler(args)
+    if not up.pretrained:
+        print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
+    if not args.quiet:
+        print(info.describe(), file=sys.stderr)
+        print(f"-> {dst}: {info.width * up.scale}x{info.height * up.scale} with {up.variant} x{up.scale} "
+              f"[{up.source}]", file=sys.stderr)  # fmt: skip
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = _ProgressLine(args.quiet)
+    try:
+        result = transcode(src, dst, up, opts, progress=bar, stop=stop)
+    except VideoError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        bar.finish()
+    for span in result.bad_spans:
+        print(f"warning: {src}: {span}", file=sys.stderr)
+    if result.stopped:
+        print(f"esc-video: stopped after {result.frames} frames; partial output kept in {result.output}",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    print(f"{dst}: {result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps), "
+          f"{result.output_bytes / 1e6:.2f} MB")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="esc-video", description="Upscale video and images with ESC.")
     ap.add_argument("--version", action="version", version=f"esc-stream {__version__}")
@@ -126,6 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output image (written under a temporary name, then renamed)")
     _add_model_args(p)
     p.set_defaults(func=cmd_image)
+
+    p = sub.add_parser("transcode", help="upscale a video file, keeping audio, subtitles, timing and colour")
+    p.add_argument("input", help="input video (never written)")
+    p.add_argument("output", help="output video; written as OUTPUT.partial, renamed when complete")
+    _add_model_args(p)
+    p.add_argument("-c:v", "--codec", dest="codec", help="video encoder (default libx264; vp9 for .webm)")
+    p.add_argument("--crf", type=_non_negative, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
+    p.add_argument("--preset", help="encoder preset (x264 default: medium)")
+    p.add_argument("--pix-fmt", dest="pix_fmt", help="output pixel format (default: follows the source)")
+    p.add_argument("-e", dest="encoder_option", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="extra encoder option, repeatable")  # fmt: skip
+    p.add_argument("--no-audio", action="store_true", help="drop audio streams")
+    p.add_argument("--no-subtitles", action="store_true", help="drop subtitle streams")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_transcode)
+
+    p = sub.add_parser("probe", help="show what transcode would do with a file")
+    p.add_argument("input")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("info", help="describe a checkpoint: variant, scale, hyper-parameters")
     p.add_argument("weights", type=Path)

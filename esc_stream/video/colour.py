@@ -1,0 +1,108 @@
+"""Colour handling: YUV <-> RGB with the source's explicit matrix and range, at 8 or 16 bits per sample.
+
+The network sees RGB in [0, 1]. Sources deeper than 8 bits go through rgb48 so no precision is lost;
+the conversion back uses the same matrix and range, and the output is tagged like the source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from av.video.reformatter import ColorRange, Interpolation
+
+# AVColorSpace (as tagged in streams) -> swscale's matrix constant
+_SWS_MATRIX = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
+_RANGE_NAMES = {0: "unspecified", 1: "limited (tv)", 2: "full (pc)"}
+_MATRIX_NAMES = {0: "rgb", 1: "bt709", 2: "unspecified", 4: "fcc", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m",
+                 9: "bt2020nc", 10: "bt2020c"}  # fmt: skip
+_PRIMARIES_NAMES = {1: "bt709", 2: "unspecified", 4: "bt470m", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m",
+                    9: "bt2020", 11: "smpte431", 12: "smpte432"}  # fmt: skip
+_TRC_NAMES = {1: "bt709", 2: "unspecified", 4: "gamma22", 5: "gamma28", 6: "smpte170m", 7: "smpte240m", 8: "linear",
+              13: "iec61966-2-1", 14: "bt2020-10", 15: "bt2020-12", 16: "smpte2084", 18: "arib-std-b67"}  # fmt: skip
+
+_SCALE_FLAGS = Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+
+
+@dataclass(frozen=True)
+class Colour:
+    """A stream's colour description (AVColor* integer codes) and sample depth."""
+
+    matrix: int = 2
+    primaries: int = 2
+    transfer: int = 2
+    range: int = 0
+    bits: int = 8
+    height: int = 0
+
+    @property
+    def sws_matrix(self) -> int:
+        """The matrix to convert with: tagged, else BT.709 for HD and BT.601 for SD (the usual guess)."""
+        if self.matrix in _SWS_MATRIX:
+            return _SWS_MATRIX[self.matrix]
+        return 1 if self.height >= 720 else 5
+
+    @property
+    def full_range(self) -> bool:
+        return self.range == 2
+
+    @property
+    def deep(self) -> bool:
+        return self.bits > 8
+
+    def describe(self) -> str:
+        guessed = (
+            ""
+            if self.matrix in _SWS_MATRIX
+            else " (untagged: assuming " + ("bt709)" if self.sws_matrix == 1 else "bt601)")
+        )
+        return (
+            f"matrix {_MATRIX_NAMES.get(self.matrix, self.matrix)}{guessed}, "
+            f"primaries {_PRIMARIES_NAMES.get(self.primaries, self.primaries)}, "
+            f"transfer {_TRC_NAMES.get(self.transfer, self.transfer)}, "
+            f"range {_RANGE_NAMES.get(self.range, self.range)}, {self.bits}-bit"
+        )
+
+
+def pixel_bits(pix_fmt: str) -> int:
+    """Bits per sample of a pixel format (8 for the usual yuv420p)."""
+    desc = av.VideoFormat(pix_fmt)
+    return max((c.bits for c in desc.components), default=8)
+
+
+def frame_to_rgb(frame: av.VideoFrame, colour: Colour) -> np.ndarray:
+    """Decoded frame -> HxWx3 RGB (uint8, or uint16 for deep sources), converted with explicit matrix/range."""
+    fmt = "rgb48le" if colour.deep else "rgb24"
+    if frame.format.name in ("rgb24", "rgb48le"):
+        rgb = frame if frame.format.name == fmt else frame.reformat(format=fmt)
+    else:
+        rgb = frame.reformat(
+            format=fmt,
+            src_colorspace=colour.sws_matrix,
+            src_color_range=ColorRange.JPEG if colour.full_range else ColorRange.MPEG,
+            dst_color_range=ColorRange.JPEG,
+            interpolation=_SCALE_FLAGS,
+        )
+    return rgb.to_ndarray()
+
+
+def rgb_to_frame(rgb: np.ndarray, pix_fmt: str, colour: Colour) -> av.VideoFrame:
+    """HxWx3 uint8/uint16 RGB -> frame in `pix_fmt`, with the source's matrix and range, tagged."""
+    src = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb48le" if rgb.dtype == np.uint16 else "rgb24")
+    if pix_fmt.startswith(("rgb", "bgr", "gbr")):
+        return src.reformat(format=pix_fmt)
+    out = src.reformat(
+        format=pix_fmt,
+        dst_colorspace=colour.sws_matrix,
+        src_color_range=ColorRange.JPEG,
+        dst_color_range=ColorRange.JPEG if colour.full_range else ColorRange.MPEG,
+        interpolation=_SCALE_FLAGS,
+    )
+    out.colorspace = colour.matrix
+    out.color_range = colour.range if colour.range else 1
+    if colour.primaries:
+        out.color_primaries = colour.primaries
+    if colour.transfer:
+        out.color_trc = colour.transfer
+    return out

@@ -1,0 +1,154 @@
+"""Look at an input before transcoding: streams, frame-rate mode, colour tags, bit depth, frame count."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+
+from .colour import Colour, pixel_bits
+
+
+class VideoError(ValueError):
+    """An input or output the transcoder cannot use; the message names the file and the problem."""
+
+
+@dataclass
+class VideoInfo:
+    """What `probe` found; enough to plan the transcode and to explain it to the user."""
+
+    path: Path
+    format_name: str
+    width: int
+    height: int
+    pix_fmt: str
+    codec: str
+    time_base: Fraction
+    average_rate: Fraction | None
+    frames: int
+    frames_estimated: bool
+    duration: float | None
+    colour: Colour
+    variable_rate: bool
+    rotation: int = 0
+    audio: list[str] = field(default_factory=list)
+    subtitles: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+    sar: Fraction | None = None
+
+    def describe(self) -> str:
+        rate = f"{float(self.average_rate):.3f} fps" if self.average_rate else "unknown rate"
+        mode = "variable frame rate (timestamps kept per frame)" if self.variable_rate else "constant frame rate"
+        count = f"{'~' if self.frames_estimated else ''}{self.frames} frames"
+        if self.frames_estimated:
+            count += " (estimated from duration)"
+        lines = [
+            f"{self.path}: {self.format_name}, {self.duration or 0:.2f} s",
+            f"  video: {self.codec} {self.width}x{self.height} {self.pix_fmt}, {rate}, {mode}, {count}",
+            f"  colour: {self.colour.describe()}",
+        ]
+        if self.rotation:
+            lines.append(f"  rotation: {self.rotation} degrees (display matrix, carried over)")
+        lines += [f"  audio: {a} (copied)" for a in self.audio]
+        lines += [f"  subtitles: {s} (copied)" for s in self.subtitles]
+        lines += [f"  other: {o} (not copied)" for o in self.other]
+        return "\n".join(lines)
+
+
+def open_input(path: str | Path) -> av.container.InputContainer:
+    """Open for reading only, with one clear error for the usual problems."""
+    path = Path(path)
+    if not path.exists():
+        raise VideoError(f"{path}: no such file")
+    if path.is_dir():
+        raise VideoError(f"{path}: is a folder, not a video file")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path}: file is empty")
+    try:
+        return av.open(str(path), mode="r")
+    except av.error.FFmpegError as exc:
+        raise VideoError(f"{path}: not a readable media file ({exc.strerror or type(exc).__name__})") from None
+
+
+def _stream_label(s: av.stream.Stream) -> str:
+    lang = s.metadata.get("language", "")
+    name = s.codec_context.name if s.codec_context else "unknown"
+    extra = ""
+    if isinstance(s, av.audio.stream.AudioStream):
+        extra = f" {s.codec_context.sample_rate} Hz {s.codec_context.layout.name}"
+    return f"#{s.index} {name}{extra}{' [' + lang + ']' if lang else ''}"
+
+
+def _rotation(stream: av.video.stream.VideoStream) -> int:
+    try:
+        for sd in stream.side_data if hasattr(stream, "side_data") else []:
+            if "DISPLAYMATRIX" in str(getattr(sd, "type", sd)).upper():
+                return int(round(getattr(sd, "rotation", 0)))
+    except Exception:  # side-data APIs differ between PyAV versions; rotation is informative only
+        return 0
+    return 0
+
+
+def _fraction(value: Any) -> Fraction | None:
+    """PyAV rationals as Fractions; None for missing or 0/0."""
+    if value is None or not getattr(value, "denominator", 0):
+        return None
+    return Fraction(value.numerator, value.denominator)
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Describe the first video stream of `path` and list the streams that will be copied."""
+    with open_input(path) as c:
+        if not c.streams.video:
+            raise VideoError(f"{path}: has no video stream")
+        vs = c.streams.video[0]
+        cc = vs.codec_context
+        if cc.width <= 0 or cc.height <= 0 or cc.pix_fmt is None:
+            raise VideoError(f"{path}: video stream #{vs.index} has no decodable picture size or pixel format")
+        duration = float(c.duration / av.time_base) if c.duration else None
+        if vs.duration and vs.time_base:
+            duration = float(vs.duration * vs.time_base)
+        rate = vs.average_rate or vs.guessed_rate
+        frames, estimated = int(vs.frames or 0), False
+        if frames <= 0 and duration and rate:
+            frames, estimated = int(round(duration * float(rate))), True
+        # a container's declared base rate far above its average rate marks variable frame rate
+        vfr = bool(vs.base_rate and vs.average_rate and abs(float(vs.base_rate) / float(vs.average_rate) - 1) > 0.01)
+        colour = Colour(
+            matrix=int(cc.colorspace or 2),
+            primaries=int(cc.color_primaries or 2),
+            transfer=int(cc.color_trc or 2),
+            range=int(cc.color_range or 0),
+            bits=pixel_bits(cc.pix_fmt),
+            height=cc.height,
+        )
+        info = VideoInfo(
+            path=Path(path),
+            format_name=c.format.name,
+            width=cc.width,
+            height=cc.height,
+            pix_fmt=cc.pix_fmt,
+            codec=cc.name,
+            time_base=_fraction(vs.time_base) or Fraction(1, 25),
+            average_rate=_fraction(rate),
+            frames=frames,
+            frames_estimated=estimated,
+            duration=duration,
+            colour=colour,
+            variable_rate=vfr,
+            rotation=_rotation(vs),
+            sar=_fraction(cc.sample_aspect_ratio),
+        )
+        for s in c.streams:
+            if s is vs:
+                continue
+            if s.type == "audio":
+                info.audio.append(_stream_label(s))
+            elif s.type == "subtitle":
+                info.subtitles.append(_stream_label(s))
+            else:
+                info.other.append(f"#{s.index} {s.type}")
+        return info

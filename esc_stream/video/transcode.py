@@ -1,0 +1,311 @@
+"""Transcode a file: decode ∥ upscale ∥ encode, keeping audio, subtitles, timestamps, colour and metadata.
+
+Video frames keep their source pts (variable frame rate stays variable); audio and subtitle packets are
+copied untouched, passing through the pipeline in demux order so the output interleaves naturally. The
+output is written to `OUT.partial` and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, cast
+
+import av
+import numpy as np
+
+from ..engine.pipeline import run_pipeline
+from .colour import Colour, frame_to_rgb, pixel_bits, rgb_to_frame
+from .probe import VideoError, VideoInfo, open_input, probe
+
+# output container by file extension (the .partial name hides it from FFmpeg's own guess)
+CONTAINERS = {
+    ".mp4": "mp4",
+    ".m4v": "mp4",
+    ".mov": "mov",
+    ".mkv": "matroska",
+    ".webm": "webm",
+    ".ts": "mpegts",
+    ".m2ts": "mpegts",
+    ".avi": "avi",
+    ".nut": "nut",
+    ".y4m": "yuv4mpegpipe",
+}
+DEFAULT_CODEC = {"webm": "libvpx-vp9", "avi": "mpeg4", "nut": "ffv1", "yuv4mpegpipe": "rawvideo"}
+
+
+@dataclass
+class TranscodeOptions:
+    """Encoder and stream choices; None means "follow the source" or the encoder's default."""
+
+    codec: str | None = None
+    crf: int | None = None
+    preset: str | None = None
+    pix_fmt: str | None = None
+    encoder_options: dict[str, str] = field(default_factory=dict)
+    audio: bool = True
+    subtitles: bool = True
+    overwrite: bool = False
+    depth: int = 4
+
+
+@dataclass
+class TranscodeResult:
+    frames: int
+    seconds: float
+    output: Path
+    output_bytes: int
+    bad_spans: list[str] = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+Progress = Callable[[int, VideoInfo, float], None]
+
+
+def partial_path(dst: Path) -> Path:
+    return dst.with_name(dst.name + ".partial")
+
+
+def output_format(dst: Path) -> str:
+    fmt = CONTAINERS.get(dst.suffix.lower())
+    if fmt is None:
+        known = " ".join(sorted(CONTAINERS))
+        raise VideoError(f"{dst}: unknown output container {dst.suffix or '(no extension)'!r}; use one of: {known}")
+    return fmt
+
+
+def default_pix_fmt(info: VideoInfo, codec: str) -> str:
+    """Follow the source: same chroma subsampling, 8-bit stays 8-bit, deeper becomes 10-bit."""
+    codec_formats = [f.name for f in (av.codec.Codec(codec, "w").video_formats or [])]
+    src = info.pix_fmt
+    sub = "444" if "444" in src else "422" if "422" in src else "420"
+    want = f"yuv{sub}p" + ("10le" if info.colour.deep else "")
+    for candidate in (want, f"yuv420p{'10le' if info.colour.deep else ''}", "yuv420p"):
+        if not codec_formats or candidate in codec_formats:
+            return candidate
+    return codec_formats[0]
+
+
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    if src.resolve() == dst.resolve():
+        raise VideoError(f"{dst}: output would overwrite the input")
+    if not dst.parent.exists():
+        raise VideoError(f"{dst}: folder {dst.parent} does not exist")
+    if dst.exists() and not overwrite:
+        raise VideoError(f"{dst}: already exists (use --overwrite to replace it)")
+
+
+def _open_encoder(
+    out: av.container.OutputContainer, info: VideoInfo, scale: int, opts: TranscodeOptions, fmt: str
+) -> av.video.stream.VideoStream:
+    codec = opts.codec or DEFAULT_CODEC.get(fmt, "libx264")
+    if codec not in av.codecs_available:
+        raise VideoError(f"-c:v {codec}: no such encoder in this FFmpeg build")
+    pix_fmt = opts.pix_fmt or default_pix_fmt(info, codec)
+    width, height = info.width * scale, info.height * scale
+    if ("420" in pix_fmt or "422" in pix_fmt) and (width % 2 or (height % 2 and "420" in pix_fmt)):
+        raise VideoError(f"output {width}x{height} has an odd side, which {pix_fmt} cannot hold; use --pix-fmt yuv444p")
+    rate = info.average_rate if info.average_rate else Fraction(25)
+    stream = cast(av.video.stream.VideoStream, out.add_stream(codec, rate=rate))
+    stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+    stream.time_base = info.time_base
+    cc = stream.codec_context
+    cc.time_base = info.time_base
+    c = info.colour
+    cc.color_range = c.range if c.range else 1
+    cc.colorspace, cc.color_primaries, cc.color_trc = c.matrix, c.primaries, c.transfer
+    if info.sar and info.sar.numerator:
+        cc.sample_aspect_ratio = info.sar
+    options = dict(opts.encoder_options)
+    if codec in ("libx264", "libx265"):
+        options.setdefault("crf", str(opts.crf if opts.crf is not None else 18))
+        options.setdefault("preset", opts.preset or "medium")
+    elif codec in ("libvpx-vp9", "libsvtav1", "libaom-av1"):
+        options.setdefault("crf", str(opts.crf if opts.crf is not None else 30))
+        if codec == "libvpx-vp9":
+            options.setdefault("b", "0")
+        if opts.preset and codec == "libsvtav1":
+            options.setdefault("preset", opts.preset)
+    cc.options = options
+    try:
+        cc.open()
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise VideoError(
+            f"encoder {codec} refused {width}x{height} {pix_fmt} ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
+    return stream
+
+
+def transcode(
+    src: str | Path,
+    dst: str | Path,
+    upscaler: Any,
+    opts: TranscodeOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> TranscodeResult:
+    """Upscale every frame of `src` into `dst`; returns counts and timings. Raises VideoError on bad input."""
+    src, dst = Path(src), Path(dst)
+    opts = opts or TranscodeOptions()
+    _check_paths(src, dst, opts.overwrite)
+    fmt = output_format(dst)
+    info = probe(src)
+    tmp = partial_path(dst)
+    bad_spans: list[str] = []
+    t0 = time.perf_counter()
+    with open_input(src) as inp:
+        ivs = inp.streams.video[0]
+        ivs.thread_type = "AUTO"
+        out = av.open(str(tmp), mode="w", format=fmt)
+        try:
+            ovs = _open_encoder(out, info, upscaler.scale, opts, fmt)
+            copies = _add_copied_streams(inp, out, opts, dst)
+            for k, v in inp.metadata.items():
+                if k.lower() not in ("encoder", "major_brand", "minor_version", "compatible_brands"):
+                    out.metadata[k] = v
+            if hasattr(inp, "chapters") and inp.chapters():
+                out.set_chapters(inp.chapters())
+            frames = _run(inp, out, ivs, ovs, copies, info, upscaler, opts, progress, stop, bad_spans)
+            for packet in ovs.encode(None):
+                out.mux(packet)
+        except BaseException:
+            out.close()
+            if not (stop is not None and stop.is_set()):
+                tmp.unlink(missing_ok=True)
+            raise
+        out.close()
+    stopped = stop is not None and stop.is_set()
+    if frames == 0 and not stopped:
+        tmp.unlink(missing_ok=True)
+        raise VideoError(f"{src}: no video frame could be decoded")
+    if not stopped:
+        tmp.replace(dst)
+    final = tmp if stopped else dst
+    return TranscodeResult(frames, time.perf_counter() - t0, final, final.stat().st_size, bad_spans, stopped)
+
+
+def _add_copied_streams(
+    inp: av.container.InputContainer, out: av.container.OutputContainer, opts: TranscodeOptions, dst: Path
+) -> dict[int, av.stream.Stream]:
+    copies: dict[int, av.stream.Stream] = {}
+    for s in inp.streams:
+        if s.type == "audio" and opts.audio or s.type == "subtitle" and opts.subtitles:
+            try:
+                o = out.add_stream_from_template(s)
+            except (av.error.FFmpegError, ValueError) as exc:
+                flag = "--no-audio" if s.type == "audio" else "--no-subtitles"
+                raise VideoError(
+                    f"{dst}: this container cannot carry the {s.type} stream #{s.index} "
+                    f"({s.codec_context.name}): use {flag} or another container such as .mkv ({exc})"
+                ) from None
+            for k, v in s.metadata.items():
+                o.metadata[k] = v
+            copies[s.index] = o
+    return copies
+
+
+def _spans(corrupt: list[tuple[int, float]]) -> list[str]:
+    """Merge consecutive corrupt frame numbers into readable spans."""
+    groups: list[list[tuple[int, float]]] = []
+    for item in corrupt:
+        if groups and item[0] == groups[-1][-1][0] + 1:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    spans = []
+    for g in groups:
+        (i0, t0), (i1, t1) = g[0], g[-1]
+        frames = f"frame {i0}" if i0 == i1 else f"frames {i0}-{i1}"
+        spans.append(f"{frames} ({t0:.3f}-{t1:.3f} s) had decoding errors (concealed by the decoder)")
+    return spans
+
+
+def _run(
+    inp: av.container.InputContainer,
+    out: av.container.OutputContainer,
+    ivs: av.video.stream.VideoStream,
+    ovs: av.video.stream.VideoStream,
+    copies: dict[int, av.stream.Stream],
+    info: VideoInfo,
+    upscaler: Any,
+    opts: TranscodeOptions,
+    progress: Progress | None,
+    stop: threading.Event | None,
+    bad_spans: list[str],
+) -> int:
+    colour: Colour = info.colour
+    pix_fmt = ovs.codec_context.pix_fmt or "yuv420p"
+    out_colour = Colour(colour.matrix, colour.primaries, colour.transfer, colour.range,
+                        pixel_bits(pix_fmt), colour.height * upscaler.scale)  # fmt: skip
+    tb = ivs.time_base
+    started = time.perf_counter()
+
+    corrupt: list[tuple[int, float]] = []
+
+    def produce() -> Iterator[tuple]:
+        count = 0
+        for packet in inp.demux(ivs, *(inp.streams[i] for i in copies)):
+            if packet.stream.index != ivs.index:
+                if packet.dts is not None:
+                    yield ("packet", packet)
+                continue
+            try:
+                decoded = packet.decode()
+            except av.error.FFmpegError as exc:
+                where = f"{float(packet.pts * tb):.3f} s" if packet.pts is not None else f"after frame {count}"
+                bad_spans.append(f"undecodable data at {where} ({exc.strerror or type(exc).__name__})")
+                continue
+            for frame in cast(list[av.VideoFrame], decoded):
+                pts = frame.pts if frame.pts is not None else count
+                if frame.is_corrupt:
+                    corrupt.append((count, float(pts * tb)))
+                count += 1
+                yield ("frame", pts, frame_to_rgb(frame, colour))
+        bad_spans.extend(_spans(corrupt))
+
+    def transform(item: tuple) -> tuple:
+        if item[0] == "frame":
+            return ("frame", item[1], upscaler(item[2]))
+        return item
+
+    last_pts: int | None = None
+    last_dts: dict[int, int] = {}
+    done = 0
+
+    def consume(item: tuple) -> None:
+        nonlocal last_pts, done
+        if item[0] == "packet":
+            packet = item[1]
+            index = packet.stream.index
+            if index in last_dts and packet.dts <= last_dts[index]:  # repair non-increasing DTS, do not crash
+                shift = last_dts[index] + 1 - packet.dts
+                packet.dts += shift
+                if packet.pts is not None and packet.pts < packet.dts:
+                    packet.pts = packet.dts
+            last_dts[index] = packet.dts
+            packet.stream = copies[index]
+            out.mux(packet)
+            return
+        _, pts, rgb = item
+        if last_pts is not None and pts <= last_pts:  # duplicate timestamps would stop the encoder
+            pts = last_pts + 1
+        last_pts = pts
+        frame = rgb_to_frame(np.asarray(rgb), pix_fmt, out_colour)
+        frame.pts, frame.time_base = pts, tb
+        for packet in ovs.encode(frame):
+            out.mux(packet)
+        done += 1
+        if progress is not None:
+            progress(done, info, time.perf_counter() - started)
+
+    run_pipeline(produce(), transform, consume, depth=opts.depth, stop=stop)
+    return done
