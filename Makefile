@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml
 
 example: $(STAMP)
 	@mkdir -p out
+	$(VENV)/bin/esc-video transcode examples/realvideo_demo000.mp4 out/realvideo_demo000_x2.mp4 --overwrite
 	$(VENV)/bin/esc-video image examples/kodim23.png out/kodim23_x2.png
-	@echo "wrote out/kodim23_x2.png"
+	@echo "wrote out/realvideo_demo000_x2.mp4 and out/kodim23_x2.png"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -123,8 +123,8 @@ class Upscaler:
 def _random_model(scale: int) -> tuple[nn.Module, ModelDescriptor]:
     from .models import VARIANTS
 
-    spec = VARIANTS["esc_light"]
-    desc = ModelDescriptor(spec.arch, {"proj_ratio": 2.0, **spec.config}, scale, "esc_light")
+    spec = VARIANTS["esc_small"]
+    desc = ModelDescriptor(spec.arch, {"proj_ratio": 2.0, **spec.config}, scale, "esc_small")
     torch.manual_seed(0)
     return desc.build(), desc
 
@@ -141,7 +141,7 @@ def load(
 ) -> Upscaler:
     """Build an Upscaler from a checkpoint, or from the embedded default model for `scale`.
 
-    Until a default model for `scale` ships, `weights=None` gives ESC-light with random weights
+    Until a default model for `scale` ships, `weights=None` gives esc_small with random weights
     (`Upscaler.pretrained` is False) unless `allow_random=False`, which raises CheckpointError.
     """
     if tile is not None and tile < 1:
@@ -157,7 +157,7 @@ def load(
         elif allow_random:
             model, desc = _random_model(scale)
             pretrained = False
-            source = "ESC-light with RANDOM weights (no default model for this scale ships yet)"
+            source = "esc_small with RANDOM weights (no default model for this scale ships yet)"
         else:
             raise CheckpointError(f"no embedded default model for x{scale}; pass a checkpoint with --weights")
     else:

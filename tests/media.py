@@ -40,6 +40,7 @@ def make_clip(
     audio: bool = False,
     srt: Path | None = None,
     colour: dict | None = None,
+    x264: dict | None = None,
 ) -> Path:
     """Encode `frames` (RGB uint8 or uint16) into `path`; optional VFR pts, sine audio, subtitles, colour tags."""
     time_base = time_base or Fraction(1, rate)
@@ -49,7 +50,7 @@ def make_clip(
         vs.codec_context.time_base = time_base
         vs.time_base = time_base
         if codec == "libx264":
-            vs.codec_context.options = {"crf": "10", "preset": "ultrafast"}
+            vs.codec_context.options = x264 or {"crf": "10", "preset": "ultrafast"}
         colour = colour or {}
         for k, v in colour.items():
             setattr(vs.codec_context, k, v)
