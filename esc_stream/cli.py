@@ -44,6 +44,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=_positive, help="tile side in input pixels (default: whole frame)")
     p.add_argument("--overlap", type=_non_negative, default=64, help="context pixels around each tile (default 64)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="network precision (float16 needs CUDA; default float32)")  # fmt: skip
 
 
 def _load_upscaler(args: argparse.Namespace):
@@ -55,7 +57,12 @@ def _load_upscaler(args: argparse.Namespace):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine")
     try:
-        up = load(args.weights, scale=args.scale or 2, device=args.device, tile=args.tile, overlap=args.overlap)
+        dtype = getattr(torch, args.dtype)
+        if dtype == torch.float16 and not args.device.startswith("cuda"):
+            raise UserError("--dtype float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
+        up = load(
+            args.weights, scale=args.scale or 2, device=args.device, dtype=dtype, tile=args.tile, overlap=args.overlap
+        )
     except CheckpointError as exc:
         raise UserError(str(exc)) from None
     except (RuntimeError, ValueError) as exc:
@@ -114,6 +121,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k, v in desc.config.items():
         print(f"  {k} = {v}")
     return 0
+
+
+def _seconds(text: str) -> float:
+    """ffmpeg-style time: 12.5, 01:30, 1:02:03.5."""
+    try:
+        parts = [float(p) for p in text.split(":")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r} (use seconds or [HH:]MM:SS[.ms])") from None
+    if len(parts) > 3 or any(p < 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"not a time: {text!r}")
+    value = 0.0
+    for p in parts:
+        value = value * 60 + p
+    return value
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -177,6 +198,8 @@ def cmd_transcode(args: argparse.Namespace) -> int:
         audio=not args.no_audio,
         subtitles=not args.no_subtitles,
         overwrite=args.overwrite,
+        start=args.start,
+        duration=args.duration,
     )
     try:  # everything about the input and output is checked before the model loads
         _check_paths(src, dst, opts.overwrite)
@@ -240,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra encoder option, repeatable")  # fmt: skip
     p.add_argument("--no-audio", action="store_true", help="drop audio streams")
     p.add_argument("--no-subtitles", action="store_true", help="drop subtitle streams")
+    p.add_argument("--start", type=_seconds, default=0.0, help="start at T (seconds or [HH:]MM:SS[.ms])")
+    p.add_argument("--duration", type=_seconds, help="stop after T (seconds or [HH:]MM:SS[.ms])")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_transcode)

@@ -261,3 +261,24 @@ def test_probe_describes_streams(tmp_path, frames):
     assert "bt709" in proc.stdout or "assuming bt601" in proc.stdout
     with pytest.raises(VideoError):
         probe(tmp_path / "missing.mkv")
+
+
+def test_start_and_duration_trim_every_stream(tmp_path, up, frames):
+    srt = write_srt(tmp_path / "s.srt", [(0.0, 0.1, "early"), (0.25, 0.35, "kept")])
+    src = make_clip(tmp_path / "in.mkv", frames * 2, audio=True, srt=srt)  # 12 frames, 0.48 s
+    dst = tmp_path / "cut.mkv"
+    result = transcode(src, dst, up, TranscodeOptions(start=0.2, duration=0.16))
+    assert result.frames == 4
+    assert video_pts_ms(dst) == [0, 40, 80, 120]  # shifted to start at zero
+    subs = packets(dst, "subtitle")
+    assert len(subs) == 1 and subs[0][0] == 50 and b"kept" in subs[0][2]
+    audio = packets(dst, "audio")
+    assert audio and audio[0][0] >= 0 and audio[-1][0] < 160
+
+
+def test_time_arguments_parse_like_ffmpeg(tmp_path):
+    from esc_stream.cli import _seconds
+
+    assert _seconds("12.5") == 12.5 and _seconds("01:30") == 90 and _seconds("1:02:03.5") == 3723.5
+    proc = _run_cli("transcode", "a.mp4", "b.mp4", "--start", "soon")
+    assert proc.returncode == 2 and "not a time" in proc.stderr

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, cast
@@ -51,6 +51,8 @@ class TranscodeOptions:
     subtitles: bool = True
     overwrite: bool = False
     depth: int = 4
+    start: float = 0.0
+    duration: float | None = None
 
 
 @dataclass
@@ -159,6 +161,14 @@ def transcode(
     _check_paths(src, dst, opts.overwrite)
     fmt = output_format(dst)
     info = probe(src)
+    if opts.start < 0 or (opts.duration is not None and opts.duration <= 0):
+        raise VideoError("--start must be >= 0 and --duration > 0")
+    if info.duration is not None and opts.start >= info.duration:
+        raise VideoError(f"{src}: --start {opts.start:g} s is beyond the end ({info.duration:.2f} s)")
+    if (opts.start or opts.duration) and info.average_rate:
+        left = (info.duration or 0) - opts.start
+        span = min(left, opts.duration) if opts.duration else left
+        info = replace(info, frames=max(1, round(span * float(info.average_rate))), frames_estimated=True)
     tmp = partial_path(dst)
     bad_spans: list[str] = []
     t0 = time.perf_counter()
@@ -172,7 +182,7 @@ def transcode(
             for k, v in inp.metadata.items():
                 if k.lower() not in ("encoder", "major_brand", "minor_version", "compatible_brands"):
                     out.metadata[k] = v
-            if hasattr(inp, "chapters") and inp.chapters():
+            if opts.start == 0 and opts.duration is None and inp.chapters():
                 out.set_chapters(inp.chapters())
             frames = _run(inp, out, ivs, ovs, copies, info, upscaler, opts, progress, stop, bad_spans)
             for packet in ovs.encode(None):
@@ -251,12 +261,26 @@ def _run(
 
     corrupt: list[tuple[int, float]] = []
 
+    start_s = opts.start
+    end_s = opts.start + opts.duration if opts.duration else None
+    trimming = start_s > 0 or end_s is not None
+    shifts = {i: round(start_s / inp.streams[i].time_base) for i in [ivs.index, *copies]}
+    if start_s > 0:
+        inp.seek(round(start_s / tb), stream=ivs, backward=True)
+
     def produce() -> Iterator[tuple]:
         count = 0
         for packet in inp.demux(ivs, *(inp.streams[i] for i in copies)):
-            if packet.stream.index != ivs.index:
-                if packet.dts is not None:
-                    yield ("packet", packet)
+            index = packet.stream.index
+            if index != ivs.index:
+                if packet.dts is None or packet.pts is None:
+                    continue
+                t = float(packet.pts * packet.stream.time_base)
+                if trimming and (t < start_s - 1e-6 or (end_s is not None and t >= end_s)):
+                    continue
+                packet.pts -= shifts[index]
+                packet.dts -= shifts[index]
+                yield ("packet", packet)
                 continue
             try:
                 decoded = packet.decode()
@@ -266,10 +290,16 @@ def _run(
                 continue
             for frame in cast(list[av.VideoFrame], decoded):
                 pts = frame.pts if frame.pts is not None else count
+                t = float(pts * tb)
+                if trimming and t < start_s - 1e-6:
+                    continue
+                if end_s is not None and t >= end_s:
+                    bad_spans.extend(_spans(corrupt))
+                    return
                 if frame.is_corrupt:
-                    corrupt.append((count, float(pts * tb)))
+                    corrupt.append((count, t))
                 count += 1
-                yield ("frame", pts, frame_to_rgb(frame, colour))
+                yield ("frame", pts - shifts[ivs.index], frame_to_rgb(frame, colour))
         bad_spans.extend(_spans(corrupt))
 
     def transform(item: tuple) -> tuple:
