@@ -200,6 +200,7 @@ def cmd_transcode(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         start=args.start,
         duration=args.duration,
+        resume=args.resume,
     )
     try:  # everything about the input and output is checked before the model loads
         _check_paths(src, dst, opts.overwrite)
@@ -231,6 +232,8 @@ def cmd_transcode(args: argparse.Namespace) -> int:
         bar.finish()
     for span in result.bad_spans:
         print(f"warning: {src}: {span}", file=sys.stderr)
+    if result.resumed_from is not None:
+        print(f"resumed at {result.resumed_from:.3f} s from {dst}.partial", file=sys.stderr)
     if result.stopped:
         print(f"esc-video: stopped after {result.frames} frames; partial output kept in {result.output}",
               file=sys.stderr)  # fmt: skip
@@ -265,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-subtitles", action="store_true", help="drop subtitle streams")
     p.add_argument("--start", type=_seconds, default=0.0, help="start at T (seconds or [HH:]MM:SS[.ms])")
     p.add_argument("--duration", type=_seconds, help="stop after T (seconds or [HH:]MM:SS[.ms])")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--resume", action="store_true", help="continue OUTPUT.partial from its last complete GOP")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and OUTPUT.partial) if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_transcode)
 
@@ -292,6 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("esc-video: out of memory; try a smaller --tile", file=sys.stderr)
         return 1
+    except OSError as exc:  # disk full, permissions, a file vanishing mid-run
+        print(f"esc-video: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        import av
+
+        if isinstance(exc, av.error.FFmpegError):
+            print(f"esc-video: FFmpeg: {exc}", file=sys.stderr)
+            return 1
+        print(f"esc-video: internal error: {type(exc).__name__}: {exc} (please report it)", file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":

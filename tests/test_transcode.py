@@ -282,3 +282,46 @@ def test_time_arguments_parse_like_ffmpeg(tmp_path):
     assert _seconds("12.5") == 12.5 and _seconds("01:30") == 90 and _seconds("1:02:03.5") == 3723.5
     proc = _run_cli("transcode", "a.mp4", "b.mp4", "--start", "soon")
     assert proc.returncode == 2 and "not a time" in proc.stderr
+
+
+def test_kill_and_resume_equals_a_straight_run(tmp_path, wdir, frames):
+    ext = ".mkv"
+    srt = write_srt(tmp_path / "s.srt", [(0.0, 0.5, "before the cut"), (1.5, 2.0, "after the cut")])
+    src = make_clip(tmp_path / f"in{ext}", frames * 10, audio=True, srt=srt)  # 60 frames, 2.4 s
+    common = ["--weights", str(wdir / "nearest_x2.pth"), "--crf", "0", "-e", "g=6", "--quiet"]
+    straight = tmp_path / f"straight{ext}"
+    assert _run_cli("transcode", str(src), str(straight), *common).returncode == 0
+
+    dst = tmp_path / f"resumed{ext}"
+    partial = partial_path(dst)
+    proc = subprocess.Popen([sys.executable, "-m", "esc_stream.cli", "transcode", str(src), str(dst), *common],
+                            stderr=subprocess.PIPE)  # fmt: skip
+    from esc_stream.video.transcode import resume_point
+
+    for _ in range(1200):  # wait until the partial file holds a few complete GOPs, then kill hard
+        if partial.exists() and (resume_point(partial) or 0) >= 0.5:
+            break
+        threading.Event().wait(0.05)
+    proc.kill()
+    proc.wait()
+    assert not dst.exists() and partial.exists()
+    first = _run_cli("transcode", str(src), str(dst), *common)
+    assert first.returncode != 0 and "--resume" in first.stderr  # a partial file is never clobbered silently
+    done = _run_cli("transcode", str(src), str(dst), *common, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert "resumed at" in done.stderr
+    assert not partial.exists()
+    assert video_pts_ms(dst) == video_pts_ms(straight)
+    a, b = _decode_rgb(straight), _decode_rgb(dst)
+    assert len(a) == len(b) == 60 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert packets(dst, "audio") == packets(straight, "audio")
+    assert packets(dst, "subtitle") == packets(straight, "subtitle")
+
+
+def test_resume_refuses_mp4_clearly(tmp_path, up, frames):
+    src = make_clip(tmp_path / "in.mp4", frames)
+    dst = tmp_path / "out.mp4"
+    partial_path(dst).write_bytes(b"partial")
+    with pytest.raises(VideoError, match="--resume works with .mkv"):
+        transcode(src, dst, up, TranscodeOptions(resume=True))
+    assert partial_path(dst).read_bytes() == b"partial"

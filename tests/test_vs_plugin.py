@@ -18,7 +18,7 @@ vs = pytest.importorskip("vapoursynth")
 
 import vs_plugin  # noqa: E402  (needs vapoursynth)
 from vs_plugin.build import build  # noqa: E402
-from vs_plugin.engine import Batcher  # noqa: E402
+from vs_plugin.engine import Batcher, Engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT.parent / "shared" / "data" / "realvideo_demo000"
@@ -208,6 +208,18 @@ def test_bad_clips_fail_at_script_time(core, weights, kind):
     with pytest.raises(vs.Error) as err:
         core.esc.Upscale(clip, weights=weights)
     assert ERROR.match(str(err.value)) and kind.split()[-1] in str(err.value).lower(), str(err.value)
+
+
+@pytest.mark.parametrize(("exc", "shown"), [(RuntimeError("boom\nmore"), "boom"), (RuntimeError(), "RuntimeError")])
+def test_frame_time_errors_are_one_line_and_name_the_frame(core, weights, monkeypatch, exc, shown):
+    def fail(self, n, src, dst):
+        raise exc
+
+    monkeypatch.setattr(Engine, "process", fail)
+    clip = core.esc.Upscale(core.std.BlankClip(format=vs.RGBS, width=32, height=32, length=2), weights=weights)
+    with pytest.raises(vs.Error) as err:
+        clip.get_frame(1)
+    assert str(err.value) == f"esc.Upscale: frame 1: {shown}"
 
 
 def test_frames_waiting_together_share_a_batch():

@@ -7,6 +7,7 @@ output is written to `OUT.partial` and renamed when complete.
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,9 @@ CONTAINERS = {
     ".nut": "nut",
     ".y4m": "yuv4mpegpipe",
 }
+# MP4/MOV are written fragmented while in progress, so a killed run still leaves a readable partial file
+FRAGMENTED = {"mp4", "mov"}
+RESUMABLE = {"matroska", "webm"}
 DEFAULT_CODEC = {"webm": "libvpx-vp9", "avi": "mpeg4", "nut": "ffv1", "yuv4mpegpipe": "rawvideo"}
 
 
@@ -53,6 +57,7 @@ class TranscodeOptions:
     depth: int = 4
     start: float = 0.0
     duration: float | None = None
+    resume: bool = False
 
 
 @dataclass
@@ -63,6 +68,7 @@ class TranscodeResult:
     output_bytes: int
     bad_spans: list[str] = field(default_factory=list)
     stopped: bool = False
+    resumed_from: float | None = None
 
     @property
     def fps(self) -> float:
@@ -170,37 +176,184 @@ def transcode(
         span = min(left, opts.duration) if opts.duration else left
         info = replace(info, frames=max(1, round(span * float(info.average_rate))), frames_estimated=True)
     tmp = partial_path(dst)
+    if tmp.exists() and not (opts.resume or opts.overwrite):
+        raise VideoError(f"{tmp}: a partial output exists; use --resume to continue it or --overwrite to restart")
+    resume = None  # (keyframe time in the partial file's timeline, same instant in the source, frames kept)
+    previous = dst.with_name(dst.name + ".previous")
+    if opts.resume and tmp.exists():
+        if opts.start or opts.duration:
+            raise VideoError("--resume cannot be combined with --start/--duration")
+        if fmt not in RESUMABLE:
+            raise VideoError(f"{dst}: --resume works with .mkv/.webm outputs for now (MP4 muxers move track starts)")
+        resume = _resume_plan(tmp, src)
+        if resume is not None:
+            tmp.replace(previous)
+            info = replace(info, frames=max(info.frames - resume[2], 1), frames_estimated=info.frames_estimated)
     bad_spans: list[str] = []
     t0 = time.perf_counter()
+    stopped = False
     with open_input(src) as inp:
         ivs = inp.streams.video[0]
         ivs.thread_type = "AUTO"
-        out = av.open(str(tmp), mode="w", format=fmt)
+        # every packet reaches the disk at once, so a killed run loses at most the GOP in progress
+        options = {"flush_packets": "1"}
+        if fmt in FRAGMENTED:
+            options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
+        out = av.open(str(tmp), mode="w", format=fmt, options=options)
         try:
             ovs = _open_encoder(out, info, upscaler.scale, opts, fmt)
             copies = _add_copied_streams(inp, out, opts, dst)
-            for k, v in inp.metadata.items():
-                if k.lower() not in ("encoder", "major_brand", "minor_version", "compatible_brands"):
-                    out.metadata[k] = v
-            if opts.start == 0 and opts.duration is None and inp.chapters():
-                out.set_chapters(inp.chapters())
-            frames = _run(inp, out, ivs, ovs, copies, info, upscaler, opts, progress, stop, bad_spans)
+            _copy_metadata(inp, out, chapters=opts.start == 0 and opts.duration is None)
+            # a resumed run re-encodes video from the cut but copies audio/subtitles whole, so the muxer
+            # lays them out exactly as in the uninterrupted run
+            start, shift, trim_others = (resume[1], False, False) if resume else (opts.start, True, True)
+            end = start + opts.duration if opts.duration else None
+            window = (start, end, shift, trim_others)
+            frames = _run(inp, out, ivs, ovs, copies, info, upscaler, opts, window, progress, stop, bad_spans)
             for packet in ovs.encode(None):
                 out.mux(packet)
         except BaseException:
             out.close()
-            if not (stop is not None and stop.is_set()):
+            stopped = stop is not None and stop.is_set()
+            if not stopped:
                 tmp.unlink(missing_ok=True)
+                if previous.exists():  # a failed resume gives the old partial file back
+                    previous.replace(tmp)
             raise
         out.close()
     stopped = stop is not None and stop.is_set()
+    if resume is not None:  # one file again: kept GOPs + source packets before the cut + the new part
+        _join(previous, tmp, resume, fmt)
+        frames += resume[2]
     if frames == 0 and not stopped:
         tmp.unlink(missing_ok=True)
         raise VideoError(f"{src}: no video frame could be decoded")
     if not stopped:
-        tmp.replace(dst)
+        _finalize(tmp, dst, fmt)
     final = tmp if stopped else dst
-    return TranscodeResult(frames, time.perf_counter() - t0, final, final.stat().st_size, bad_spans, stopped)
+    return TranscodeResult(
+        frames, time.perf_counter() - t0, final, final.stat().st_size, bad_spans, stopped, resume[1] if resume else None
+    )
+
+
+def _copy_metadata(inp: av.container.InputContainer, out: av.container.OutputContainer, chapters: bool) -> None:
+    for k, v in inp.metadata.items():
+        if k.lower() not in ("encoder", "major_brand", "minor_version", "compatible_brands"):
+            out.metadata[k] = v
+    if chapters and inp.chapters():
+        out.set_chapters(inp.chapters())
+
+
+def resume_point(partial: Path) -> float | None:
+    """Seconds of the last keyframe in a partial output: everything before it is complete GOPs.
+
+    None when the file is unreadable or holds fewer than two keyframes (nothing worth keeping).
+    """
+    plan = _keyframes(partial)
+    return plan[-1][0] if plan and len(plan) >= 2 else None
+
+
+def _keyframes(partial: Path) -> list[tuple[float, int]] | None:
+    """(time, packets before it) for each keyframe of the partial file's video, in decode order."""
+    try:
+        with av.open(str(partial)) as c:
+            vs = c.streams.video[0]
+            keys, count = [], 0
+            for p in c.demux(vs):
+                if p.size == 0 or p.pts is None:
+                    continue
+                if p.is_keyframe:
+                    keys.append((float(p.pts * vs.time_base), count))
+                count += 1
+            return keys
+    except (av.error.FFmpegError, IndexError, OSError):
+        return None
+
+
+def _resume_plan(partial: Path, src: Path) -> tuple[float, float, int] | None:
+    """Where to continue: the last keyframe of `partial` (its time there, the same frame's source time, and
+    the number of frames before it). Frames are matched by count, so container timestamp offsets cancel out."""
+    keys = _keyframes(partial)
+    if not keys or len(keys) < 2:
+        return None
+    cut, kept = keys[-1]
+    with open_input(src) as c:
+        vs = c.streams.video[0]
+        tb = vs.time_base
+        pts = sorted(p.pts for p in c.demux(vs) if p.size and p.pts is not None)
+    if kept >= len(pts) or tb is None:
+        return None
+    return cut, float(pts[kept] * tb), kept
+
+
+def _join(previous: Path, part: Path, resume: tuple[float, float, int], fmt: str) -> None:
+    """Rewrite `part` as the video GOPs of `previous` before the cut followed by all of `part`; copies packets.
+
+    `part` holds the audio and subtitles whole and the video from the cut on. Muxers may move where a
+    track starts (MP4 stretches a late first sample), so the video of `part` is put back on the timeline of
+    `previous` by aligning its first keyframe with the cut."""
+    cut = resume[0]
+    staged = part.with_name(part.name + ".join")
+    options = {"movflags": "frag_keyframe+empty_moov+default_base_moof"} if fmt in FRAGMENTED else {}
+    with av.open(str(part)) as probe_part:  # a fresh handle: seeking back would skip packets before the cut
+        pvs = probe_part.streams.video[0]
+        first_key = next((p.pts for p in probe_part.demux(pvs) if p.is_keyframe and p.pts is not None), None)
+        if first_key is None or pvs.time_base is None:
+            raise VideoError(f"{part}: the resumed part holds no keyframe")
+        shift = round((cut - float(first_key * pvs.time_base)) / pvs.time_base)
+    with av.open(str(previous)) as old, av.open(str(part)) as new:
+        nvs, ovs = new.streams.video[0], old.streams.video[0]
+        with av.open(str(staged), "w", format=fmt, options=options) as out:
+            streams = {s.index: out.add_stream_from_template(s) for s in new.streams}
+            for s in new.streams:
+                for k, v in s.metadata.items():
+                    streams[s.index].metadata[k] = v
+            _copy_metadata(new, out, chapters=True)
+
+            def head() -> Iterator[tuple[float, int, av.Packet]]:
+                for p in old.demux(ovs):
+                    if p.size and p.pts is not None and p.dts is not None and float(p.pts * ovs.time_base) < cut - 1e-6:
+                        p.stream = streams[nvs.index]  # type: ignore[assignment]
+                        yield float(p.dts * ovs.time_base), id(p), p
+
+            def tail() -> Iterator[tuple[float, int, av.Packet]]:
+                for p in new.demux():
+                    if p.size == 0 or p.dts is None or p.pts is None:
+                        continue
+                    if p.stream.index == nvs.index:
+                        p.pts += shift
+                        p.dts += shift
+                    t = float(p.dts * p.stream.time_base)
+                    p.stream = streams[p.stream.index]
+                    yield t, id(p), p
+
+            for _, _, packet in heapq.merge(head(), tail()):
+                out.mux(packet)
+    staged.replace(part)
+    previous.unlink()
+
+
+def _finalize(tmp: Path, dst: Path, fmt: str) -> None:
+    """Move the finished partial file into place; fragmented MP4/MOV is remuxed to a plain, faststart file."""
+    if fmt not in FRAGMENTED:
+        tmp.replace(dst)
+        return
+    staged = dst.with_name(f".{dst.name}.remux")
+    with av.open(str(tmp)) as inp, av.open(str(staged), "w", format=fmt, options={"movflags": "+faststart"}) as out:
+        kept = [s for s in inp.streams if s.type in ("video", "audio", "subtitle")]
+        mapping = {s.index: out.add_stream_from_template(s) for s in kept}
+        for s in inp.streams:
+            if s.index in mapping:
+                for k, v in s.metadata.items():
+                    mapping[s.index].metadata[k] = v
+        _copy_metadata(inp, out, chapters=True)
+        for packet in inp.demux(*(inp.streams[i] for i in mapping)):
+            if packet.dts is None:
+                continue
+            packet.stream = mapping[packet.stream.index]
+            out.mux(packet)
+    staged.replace(dst)
+    tmp.unlink()
 
 
 def _add_copied_streams(
@@ -248,6 +401,7 @@ def _run(
     info: VideoInfo,
     upscaler: Any,
     opts: TranscodeOptions,
+    window: tuple[float, float | None, bool, bool],
     progress: Progress | None,
     stop: threading.Event | None,
     bad_spans: list[str],
@@ -261,11 +415,10 @@ def _run(
 
     corrupt: list[tuple[int, float]] = []
 
-    start_s = opts.start
-    end_s = opts.start + opts.duration if opts.duration else None
+    start_s, end_s, shift, trim_others = window
     trimming = start_s > 0 or end_s is not None
-    shifts = {i: round(start_s / inp.streams[i].time_base) for i in [ivs.index, *copies]}
-    if start_s > 0:
+    shifts = {i: round(start_s / inp.streams[i].time_base) if shift else 0 for i in [ivs.index, *copies]}
+    if start_s > 0 and trim_others:
         inp.seek(round(start_s / tb), stream=ivs, backward=True)
 
     def produce() -> Iterator[tuple]:
@@ -276,7 +429,7 @@ def _run(
                 if packet.dts is None or packet.pts is None:
                     continue
                 t = float(packet.pts * packet.stream.time_base)
-                if trimming and (t < start_s - 1e-6 or (end_s is not None and t >= end_s)):
+                if trimming and trim_others and (t < start_s - 1e-6 or (end_s is not None and t >= end_s)):
                     continue
                 packet.pts -= shifts[index]
                 packet.dts -= shifts[index]
