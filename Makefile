@@ -11,16 +11,17 @@ PYTHON_CANDIDATES := $(PYTHON) python3.12 python3.13 python3 \
 BASE_PYTHON = $(shell for p in $(PYTHON_CANDIDATES); do \
 	"$$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 
-.PHONY: venv example test lint bench clean
+.PHONY: venv example test lint bench vs-plugin clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml vs_plugin/esc_vs.c
 	@py="$(BASE_PYTHON)"; if [ -z "$$py" ]; then echo "make: no Python >= 3.12 found (tried: $(PYTHON_CANDIDATES))"; exit 1; fi; \
 	echo "using $$py ($$($$py --version))"; \
 	[ -x $(PY) ] || "$$py" -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m vs_plugin.build   # core.esc shim -> VapourSynth's autoload folder, then `vapoursynth config`
 	@touch $(STAMP)
 
 example: $(STAMP)
@@ -39,6 +40,11 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_speed.py
+	$(PY) benchmarks/transcode_speed.py
+	$(PY) benchmarks/vs_speed.py
+
+vs-plugin: $(STAMP)
+	$(PY) -m vs_plugin.build --force
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache
