@@ -68,3 +68,24 @@ def test_schedule_and_validation(tmp_path):
     hr = [torch.rand(1, 3, 32, 32)]
     m = validate(trainer.ema, hr, 2)
     assert set(m) == {"psnr", "ssim", "bicubic_psnr"} and 0 < m["bicubic_psnr"] < 60
+
+
+def test_release_evaluation_on_a_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from esc_stream.checkpoints import save_checkpoint
+    from esc_stream.models import create_model
+    from training.release import evaluate
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i in range(2):
+        smooth = np.kron(rng.random((9, 11, 3)), np.ones((8, 8, 1)))[:70, :86]
+        Image.fromarray((smooth * 255).astype(np.uint8)).save(folder / f"im{i}.png")
+    torch.manual_seed(0)
+    weights = save_checkpoint(tmp_path / "w.safetensors", create_model("esc_small", 2))
+    m = evaluate(weights, folder, 2)
+    assert m["images"] == 2 and 10 < m["bicubic_psnr"] < 60 and 0 < m["ssim"] <= 1
+    assert m["psnr"] != m["bicubic_psnr"]

@@ -36,8 +36,6 @@ CONTAINERS = {
     ".nut": "nut",
     ".y4m": "yuv4mpegpipe",
 }
-# MP4/MOV are written fragmented while in progress, so a killed run still leaves a readable partial file
-FRAGMENTED = {"mp4", "mov"}
 RESUMABLE = {"matroska", "webm"}
 DEFAULT_CODEC = {"webm": "libvpx-vp9", "avi": "mpeg4", "nut": "ffv1", "yuv4mpegpipe": "rawvideo"}
 
@@ -195,11 +193,8 @@ def transcode(
     with open_input(src) as inp:
         ivs = inp.streams.video[0]
         ivs.thread_type = "AUTO"
-        # every packet reaches the disk at once, so a killed run loses at most the GOP in progress
-        options = {"flush_packets": "1"}
-        if fmt in FRAGMENTED:
-            options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
-        out = av.open(str(tmp), mode="w", format=fmt, options=options)
+        # every packet reaches the disk at once, so a killed Matroska run loses at most the GOP in progress
+        out = av.open(str(tmp), mode="w", format=fmt, options={"flush_packets": "1"})
         try:
             ovs = _open_encoder(out, info, upscaler.scale, opts, fmt)
             copies = _add_copied_streams(inp, out, opts, dst)
@@ -294,7 +289,6 @@ def _join(previous: Path, part: Path, resume: tuple[float, float, int], fmt: str
     `previous` by aligning its first keyframe with the cut."""
     cut = resume[0]
     staged = part.with_name(part.name + ".join")
-    options = {"movflags": "frag_keyframe+empty_moov+default_base_moof"} if fmt in FRAGMENTED else {}
     with av.open(str(part)) as probe_part:  # a fresh handle: seeking back would skip packets before the cut
         pvs = probe_part.streams.video[0]
         first_key = next((p.pts for p in probe_part.demux(pvs) if p.is_keyframe and p.pts is not None), None)
@@ -303,7 +297,7 @@ def _join(previous: Path, part: Path, resume: tuple[float, float, int], fmt: str
         shift = round((cut - float(first_key * pvs.time_base)) / pvs.time_base)
     with av.open(str(previous)) as old, av.open(str(part)) as new:
         nvs, ovs = new.streams.video[0], old.streams.video[0]
-        with av.open(str(staged), "w", format=fmt, options=options) as out:
+        with av.open(str(staged), "w", format=fmt) as out:
             streams = {s.index: out.add_stream_from_template(s) for s in new.streams}
             for s in new.streams:
                 for k, v in s.metadata.items():
@@ -334,26 +328,8 @@ def _join(previous: Path, part: Path, resume: tuple[float, float, int], fmt: str
 
 
 def _finalize(tmp: Path, dst: Path, fmt: str) -> None:
-    """Move the finished partial file into place; fragmented MP4/MOV is remuxed to a plain, faststart file."""
-    if fmt not in FRAGMENTED:
-        tmp.replace(dst)
-        return
-    staged = dst.with_name(f".{dst.name}.remux")
-    with av.open(str(tmp)) as inp, av.open(str(staged), "w", format=fmt, options={"movflags": "+faststart"}) as out:
-        kept = [s for s in inp.streams if s.type in ("video", "audio", "subtitle")]
-        mapping = {s.index: out.add_stream_from_template(s) for s in kept}
-        for s in inp.streams:
-            if s.index in mapping:
-                for k, v in s.metadata.items():
-                    mapping[s.index].metadata[k] = v
-        _copy_metadata(inp, out, chapters=True)
-        for packet in inp.demux(*(inp.streams[i] for i in mapping)):
-            if packet.dts is None:
-                continue
-            packet.stream = mapping[packet.stream.index]
-            out.mux(packet)
-    staged.replace(dst)
-    tmp.unlink()
+    """Move the finished partial file into place."""
+    tmp.replace(dst)
 
 
 def _add_copied_streams(

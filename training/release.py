@@ -1,0 +1,131 @@
+"""Evaluate a trained run on Kodak24 and ship its EMA weights as the embedded default model.
+
+    python -m training.release --run training/runs/default_x2 --scale 2 [--val ../shared/data/kodak24]
+
+Writes esc_stream/weights/esc_stream_default_x{S}.safetensors, a results block in
+esc_stream/weights/MODEL_CARD.md, and docs/before_after_x{S}.png (bicubic vs model crops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from esc_stream.checkpoints import load_model
+from esc_stream.metrics import psnr_y, ssim_y
+from esc_stream.reparam import prepare_for_inference
+from esc_stream.resize import imresize
+from esc_stream.tiling import upscale_tensor
+
+from .data import bicubic_down, list_images, read_rgb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@torch.inference_mode()
+def evaluate(weights: Path, val_dir: Path, scale: int) -> dict[str, float]:
+    """Y-channel PSNR/SSIM (border = scale) of the model and of MATLAB-bicubic upscaling, over a folder."""
+    model, desc = load_model(weights)
+    prepare_for_inference(model)
+    window = int(desc.config["window_size"])
+    sums = dict(psnr=0.0, ssim=0.0, bicubic_psnr=0.0, bicubic_ssim=0.0, seconds=0.0)
+    files = list_images(val_dir)
+    for path in files:
+        hr = read_rgb(path)[None].float() / 255
+        h, w = hr.shape[-2:]
+        hr = hr[..., : h - h % scale, : w - w % scale]
+        lr = (bicubic_down(hr, scale).clamp(0, 1) * 255).round() / 255
+        t0 = time.perf_counter()
+        sr = upscale_tensor(model, lr, scale, window)
+        sums["seconds"] += time.perf_counter() - t0
+        bic = imresize(lr.double(), scale=scale).float()
+        sums["psnr"] += psnr_y(sr, hr, scale)
+        sums["ssim"] += ssim_y(sr, hr, scale)
+        sums["bicubic_psnr"] += psnr_y(bic, hr, scale)
+        sums["bicubic_ssim"] += ssim_y(bic, hr, scale)
+    return {k: v / len(files) for k, v in sums.items()} | {"images": len(files)}
+
+
+@torch.inference_mode()
+def before_after(weights: Path, val_dir: Path, scale: int, out: Path, crops: int = 3, size: int = 96) -> Path:
+    """A grid of crops: bicubic | model | original, for the README."""
+    model, desc = load_model(weights)
+    prepare_for_inference(model)
+    window = int(desc.config["window_size"])
+    picks = [("kodim23.png", (200, 260)), ("kodim08.png", (180, 300)), ("kodim19.png", (380, 200))][:crops]
+    rows = []
+    for name, (y, x) in picks:
+        hr = read_rgb(val_dir / name)[None].float() / 255
+        hr = hr[..., y : y + size * scale, x : x + size * scale]
+        lr = (bicubic_down(hr, scale).clamp(0, 1) * 255).round() / 255
+        sr = upscale_tensor(model, lr, scale, window).clamp(0, 1)
+        bic = imresize(lr.double(), scale=scale).float().clamp(0, 1)
+        tiles = [F.interpolate(t, scale_factor=2, mode="nearest") for t in (bic, sr, hr)]  # enlarged to see pixels
+        rows.append(torch.cat(tiles, dim=3))
+    grid = (torch.cat(rows, dim=2)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(grid)
+    draw = ImageDraw.Draw(img)
+    step = grid.shape[1] // 3
+    for i, label in enumerate(["bicubic", "esc-stream default", "original"]):
+        draw.rectangle([i * step + 4, 4, i * step + 8 + 7 * len(label), 18], fill=(0, 0, 0))
+        draw.text((i * step + 6, 5), label, fill=(255, 255, 255))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)
+    return out
+
+
+def _run_summary(run: Path) -> tuple[int, float]:
+    """(iteration of the best EMA, CPU hours so far) from the run's log."""
+    best_iter = int((run / "best.txt").read_text().split()[1])
+    seconds = 0.0
+    with open(run / "log.csv") as f:
+        for row in csv.DictReader(f):
+            seconds += float(row["seconds"])
+    return best_iter, seconds / 3600
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--scale", type=int, default=2)
+    ap.add_argument("--val", type=Path, default=ROOT.parent / "shared" / "data" / "kodak24")
+    args = ap.parse_args()
+    best = args.run / "best_ema.safetensors"
+    target = ROOT / "esc_stream" / "weights" / f"esc_stream_default_x{args.scale}.safetensors"
+    m = evaluate(best, args.val, args.scale)
+    it, hours = _run_summary(args.run)
+    target.write_bytes(best.read_bytes())
+    pic = before_after(target, args.val, args.scale, ROOT / "docs" / f"before_after_x{args.scale}.png")
+    block = (
+        f"<!-- results x{args.scale} -->\n"
+        f"| x{args.scale} | iteration {it} | {hours:.1f} CPU-h (1 thread) | "
+        f"{m['psnr']:.2f} / {m['ssim']:.4f} | {m['bicubic_psnr']:.2f} / {m['bicubic_ssim']:.4f} | "
+        f"{m['psnr'] - m['bicubic_psnr']:+.2f} dB |\n"
+        f"<!-- end x{args.scale} -->"
+    )
+    card = ROOT / "esc_stream" / "weights" / "MODEL_CARD.md"
+    text = card.read_text()
+    pattern = re.compile(rf"<!-- results x{args.scale} -->.*?<!-- end x{args.scale} -->", re.S)
+    text = (
+        pattern.sub(block, text)
+        if pattern.search(text)
+        else text.replace("<!-- results -->", f"<!-- results -->\n{block}")
+    )
+    card.write_text(text)
+    print(f"{best} -> {target}")
+    print(f"Kodak24 x{args.scale} (Y, border {args.scale}, {m['images']} images): model {m['psnr']:.3f} dB / "
+          f"{m['ssim']:.4f}, bicubic {m['bicubic_psnr']:.3f} dB / {m['bicubic_ssim']:.4f}, "
+          f"gain {m['psnr'] - m['bicubic_psnr']:+.3f} dB; {m['seconds']:.2f} s/image")  # fmt: skip
+    print(f"wrote {pic} and {card}")
+
+
+if __name__ == "__main__":
+    main()
