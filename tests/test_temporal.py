@@ -1,0 +1,67 @@
+"""Video training data (real and synthetic motion clips) and the temporal loss / flicker metric."""
+
+import numpy as np
+import torch
+from media import SHARED, demo_frames, make_clip
+
+from esc_stream.models import create_model
+from training.clips import ClipSampler, FrameSequence, synthetic_motion
+from training.data import read_rgb
+from training.temporal import clip_loss, flicker, temporal_difference_loss
+
+
+def test_synthetic_motion_is_a_moving_camera(shared_data):
+    still = read_rgb(SHARED / "kodak24" / "kodim08.png")
+    g = torch.Generator().manual_seed(3)
+    clip = synthetic_motion(still, 5, 64, g, max_pan=4.0, max_zoom=0.0, max_rotate_deg=0.0)
+    assert clip.shape == (5, 3, 64, 64) and 0 <= float(clip.min()) and float(clip.max()) <= 1
+    # consecutive frames differ, but each is (nearly) the previous one shifted by the same sub-frame motion
+    assert all(float((clip[t + 1] - clip[t]).abs().mean()) > 1e-3 for t in range(4))
+    step = [float((clip[t + 1] - clip[t]).abs().mean()) for t in range(4)]
+    assert max(step) / min(step) < 1.5  # constant velocity
+
+
+def test_frame_sequences_from_folder_and_video(tmp_path, shared_data):
+    folder = FrameSequence(SHARED / "realvideo_demo000", limit=6)
+    g = torch.Generator().manual_seed(0)
+    clip = folder.clip(4, 32, g)
+    assert clip.shape == (4, 3, 32, 32)
+    video = make_clip(tmp_path / "v.mkv", demo_frames(5, (96, 64)))
+    seq = FrameSequence(video)
+    assert len(seq.frames) == 5 and seq.frames[0].shape == (3, 64, 96)
+
+
+def test_clip_sampler_pairs(shared_data):
+    stills = [read_rgb(SHARED / "kodak24" / "kodim01.png")]
+    sampler = ClipSampler(stills, [FrameSequence(SHARED / "realvideo_demo000", limit=5)], scale=2, frames=3,
+                          lr_patch=16, batch=4)  # fmt: skip
+    lr, hr = sampler.sample()
+    assert lr.shape == (4, 3, 3, 16, 16) and hr.shape == (4, 3, 3, 32, 32)
+    assert torch.equal(lr, (lr * 255).round() / 255)  # 8-bit LR, like decoded video
+
+
+def test_flicker_metric():
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(1, 4, 3, 8, 8, generator=g) * 0.5 + 0.25
+    assert flicker(hr + 0.1, hr) < 1e-4  # a constant offset does not flicker (float32 rounding only)
+    noisy = hr + 0.02 * torch.randn(hr.shape, generator=g)
+    assert flicker(noisy, hr) > 1.0
+    assert abs(float(temporal_difference_loss(noisy, hr)) * 255 - flicker(noisy, hr)) < 1e-3
+
+
+def test_temporal_fine_tune_step_reduces_flicker_on_a_clip(shared_data):
+    torch.manual_seed(0)
+    model = create_model("esc_small", 2)
+    stills = [read_rgb(SHARED / "kodak24" / "kodim05.png")]
+    sampler = ClipSampler(stills, [], scale=2, frames=3, lr_patch=16, batch=2)
+    lr, hr = sampler.sample()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    before = flicker(model(lr.flatten(0, 1)).unflatten(0, (2, 3)).detach(), hr)
+    for _ in range(8):
+        loss, parts = clip_loss(model, lr, hr, temporal_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = flicker(model(lr.flatten(0, 1)).unflatten(0, (2, 3)).detach(), hr)
+    assert set(parts) == {"frame_l1", "temporal_l1"} and np.isfinite(after)
+    assert after < before
