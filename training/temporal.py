@@ -37,4 +37,4 @@ def clip_loss(
     frame = F.l1_loss(sr, hr)
     temporal = temporal_difference_loss(sr, hr)
     loss = frame + temporal_weight * temporal
-    return loss, {"frame_l1": float(frame), "temporal_l1": float(temporal)}
+    return loss, {"frame_l1": frame.item(), "temporal_l1": temporal.item()}
