@@ -41,6 +41,8 @@ def make_clip(
     srt: Path | None = None,
     colour: dict | None = None,
     x264: dict | None = None,
+    rotation: int = 0,
+    chapters: list[tuple[float, float, str]] | None = None,
 ) -> Path:
     """Encode `frames` (RGB uint8 or uint16) into `path`; optional VFR pts, sine audio, subtitles, colour tags."""
     time_base = time_base or Fraction(1, rate)
@@ -51,6 +53,12 @@ def make_clip(
         vs.time_base = time_base
         if codec == "libx264":
             vs.codec_context.options = x264 or {"crf": "10", "preset": "ultrafast"}
+        if rotation:
+            vs.set_display_rotation(rotation)
+        if chapters:
+            ms = Fraction(1, 1000)
+            out.set_chapters([{"id": i + 1, "start": round(a * 1000), "end": round(b * 1000), "time_base": ms,
+                               "metadata": {"title": t}} for i, (a, b, t) in enumerate(chapters)])  # fmt: skip
         colour = colour or {}
         for k, v in colour.items():
             setattr(vs.codec_context, k, v)

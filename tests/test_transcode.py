@@ -325,3 +325,24 @@ def test_resume_refuses_mp4_clearly(tmp_path, up, frames):
     with pytest.raises(VideoError, match="--resume works with .mkv"):
         transcode(src, dst, up, TranscodeOptions(resume=True))
     assert partial_path(dst).read_bytes() == b"partial"
+
+
+def test_rotation_and_sample_aspect_are_carried(tmp_path, up, frames):
+    src = make_clip(tmp_path / "rot.mp4", frames[:3], rotation=90, colour={"sample_aspect_ratio": Fraction(32, 27)})
+    assert probe(src).rotation == 90 and probe(src).sar == Fraction(32, 27)
+    dst = tmp_path / "rot_out.mp4"
+    transcode(src, dst, up)
+    info = probe(dst)
+    assert info.rotation == 90 and (info.width, info.height) == (128, 72)
+    assert info.sar == Fraction(32, 27)  # an integer scale keeps the pixel aspect
+
+
+def test_chapters_and_container_metadata_are_kept(tmp_path, up, frames):
+    src = make_clip(tmp_path / "chap.mkv", frames, chapters=[(0.0, 0.1, "Intro"), (0.1, 0.24, "Main")])
+    with av.open(str(src)) as c:
+        before = [(ch["start"] * ch["time_base"], ch["metadata"]["title"]) for ch in c.chapters()]
+    dst = tmp_path / "chap_out.mkv"
+    transcode(src, dst, up)
+    with av.open(str(dst)) as c:
+        after = [(ch["start"] * ch["time_base"], ch["metadata"]["title"]) for ch in c.chapters()]
+    assert before == after == [(0, "Intro"), (Fraction(1, 10), "Main")]

@@ -82,13 +82,15 @@ def _stream_label(s: av.stream.Stream) -> str:
     return f"#{s.index} {name}{extra}{' [' + lang + ']' if lang else ''}"
 
 
-def _rotation(stream: av.video.stream.VideoStream) -> int:
+def _rotation(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
+    """Display rotation (degrees counter-clockwise) from the first frame's display matrix, 0 if none."""
     try:
-        for sd in stream.side_data if hasattr(stream, "side_data") else []:
-            if "DISPLAYMATRIX" in str(getattr(sd, "type", sd)).upper():
-                return int(round(getattr(sd, "rotation", 0)))
-    except Exception:  # side-data APIs differ between PyAV versions; rotation is informative only
+        for frame in container.decode(stream):
+            return int(round(frame.rotation or 0)) % 360
+    except (av.error.FFmpegError, AttributeError):
         return 0
+    finally:
+        container.seek(0)
     return 0
 
 
@@ -139,7 +141,7 @@ def probe(path: str | Path) -> VideoInfo:
             duration=duration,
             colour=colour,
             variable_rate=vfr,
-            rotation=_rotation(vs),
+            rotation=_rotation(c, vs),
             sar=_fraction(cc.sample_aspect_ratio),
         )
         for s in c.streams:

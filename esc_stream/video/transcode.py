@@ -122,6 +122,8 @@ def _open_encoder(
     rate = info.average_rate if info.average_rate else Fraction(25)
     stream = cast(av.video.stream.VideoStream, out.add_stream(codec, rate=rate))
     stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+    if info.rotation:  # display metadata only: frames are upscaled as coded and shown rotated, as the source
+        stream.set_display_rotation(info.rotation)
     stream.time_base = info.time_base
     cc = stream.codec_context
     cc.time_base = info.time_base
