@@ -346,3 +346,11 @@ def test_chapters_and_container_metadata_are_kept(tmp_path, up, frames):
     with av.open(str(dst)) as c:
         after = [(ch["start"] * ch["time_base"], ch["metadata"]["title"]) for ch in c.chapters()]
     assert before == after == [(0, "Intro"), (Fraction(1, 10), "Main")]
+
+
+def test_unsupported_pixel_format_is_named():
+    from esc_stream.video.probe import check_pixel_format
+
+    check_pixel_format("x.mkv", "yuv420p10le")
+    with pytest.raises(VideoError, match="pixel format vdpau is not supported"):
+        check_pixel_format("x.mkv", "vdpau")

@@ -101,6 +101,14 @@ def _fraction(value: Any) -> Fraction | None:
     return Fraction(value.numerator, value.denominator)
 
 
+def check_pixel_format(path: str | Path, pix_fmt: str) -> None:
+    """VideoError unless frames of `pix_fmt` can be converted to RGB (hardware surfaces, for one, cannot)."""
+    try:
+        av.VideoFrame(16, 16, pix_fmt).reformat(format="rgb24")
+    except (av.error.FFmpegError, ValueError, TypeError) as exc:
+        raise VideoError(f"{path}: pixel format {pix_fmt} is not supported ({exc})") from None
+
+
 def probe(path: str | Path) -> VideoInfo:
     """Describe the first video stream of `path` and list the streams that will be copied."""
     with open_input(path) as c:
@@ -110,6 +118,7 @@ def probe(path: str | Path) -> VideoInfo:
         cc = vs.codec_context
         if cc.width <= 0 or cc.height <= 0 or cc.pix_fmt is None:
             raise VideoError(f"{path}: video stream #{vs.index} has no decodable picture size or pixel format")
+        check_pixel_format(path, cc.pix_fmt)
         duration = float(c.duration / av.time_base) if c.duration else None
         if vs.duration and vs.time_base:
             duration = float(vs.duration * vs.time_base)
