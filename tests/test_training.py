@@ -1,9 +1,16 @@
 """Training loop: exact resume, BasicSR checkpoint layout, validation metrics."""
 
+import sys
+
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from esc_stream.checkpoints import load_model
-from training.train import TrainConfig, Trainer, lr_factor, validate
+from training.data import rank_seed
+from training.monitor import Monitor, plot_curves
+from training.train import TrainConfig, Trainer, lr_factor, train, validate
 
 
 def _images():
@@ -89,3 +96,102 @@ def test_release_evaluation_on_a_folder(tmp_path):
     m = evaluate(weights, folder, 2)
     assert m["images"] == 2 and 10 < m["bicubic_psnr"] < 60 and 0 < m["ssim"] <= 1
     assert m["psnr"] != m["bicubic_psnr"]
+
+
+def test_rank_seeds_and_per_rank_sampler_resume(tmp_path):
+    assert rank_seed(7, 0) == 7  # single-process runs draw what they always drew
+    assert len({rank_seed(7, r) for r in range(4)} | {rank_seed(8, r) for r in range(4)}) == 8
+    trainer = Trainer(_cfg(tmp_path), _images())
+    trainer.step()
+    path = trainer.save(tmp_path / "ck.pth")
+    raw = torch.load(path, weights_only=True)
+    st = raw["train_state"]
+    assert len(st["sampler_rng_ranks"]) == 1 and torch.equal(st["sampler_rng_ranks"][0], st["sampler_rng"])
+
+    # a file written by two ranks: each rank takes its own state
+    other = Trainer(_cfg(tmp_path), _images(), rank=1).sampler.generator.get_state()
+    st["sampler_rng_ranks"] = [st["sampler_rng"], other]
+    torch.save(raw, tmp_path / "two.pth")
+    rank1 = Trainer(_cfg(tmp_path, seed=5), _images(), rank=1)
+    rank1.resume(tmp_path / "two.pth")
+    assert torch.equal(rank1.sampler.generator.get_state(), other) and rank1.resumed_sampler
+
+    # a file from before per-rank states: rank 0 takes `sampler_rng`, rank 1 keeps its fresh (seed, rank) stream
+    del st["sampler_rng_ranks"]
+    torch.save(raw, tmp_path / "old.pth")
+    rank0 = Trainer(_cfg(tmp_path, seed=5), _images())
+    rank0.resume(tmp_path / "old.pth")
+    assert torch.equal(rank0.sampler.generator.get_state(), st["sampler_rng"])
+    rank1 = Trainer(_cfg(tmp_path), _images(), rank=1)
+    rank1.resume(tmp_path / "old.pth")
+    assert torch.equal(rank1.sampler.generator.get_state(), other) and not rank1.resumed_sampler
+
+
+def _png_folder(folder):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        smooth = np.kron(rng.random((6, 7, 3)), np.ones((8, 8, 1)))[: 40 + 4 * i, :52]
+        Image.fromarray((smooth * 255).astype(np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def test_train_progress_tensorboard_and_curves(tmp_path):
+    data = _png_folder(tmp_path / "images")
+    cfg = _cfg(tmp_path / "run", iters=3, train_dir=str(data), val_dir=str(data), val_limit=2, val_crop=32, val_every=3)
+    cfg.log_every, cfg.save_every, cfg.threads = 1, 3, 1
+    lines: list[str] = []
+    threads = torch.get_num_threads()
+    try:
+        out = train(cfg, log=lines.append)
+    finally:
+        torch.set_num_threads(threads)  # train() sets the process-wide count
+    progress = [s for s in lines if s.startswith("iter ") and "it/s, ETA" in s]
+    assert [s.split()[1] for s in progress] == ["1/3", "2/3", "3/3"]  # the last one is the validation line
+    assert "loss" in progress[0] and " lr " in progress[0] and "PSNR" in progress[2]
+    assert len((out / "log.csv").read_text().splitlines()) == 2
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert any(s.startswith("curves.png off") for s in lines)
+    else:
+        assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        assert any(s.startswith("TensorBoard logging off") for s in lines)
+        return
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"train/loss", "train/lr", "val/psnr", "val/ssim", "val/bicubic_psnr"} <= set(tags["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("val/psnr")] == [3]
+    assert set(tags["images"]) == {"samples/0", "samples/1"}
+    strip = acc.Images("samples/0")[0]
+    assert (strip.width, strip.height) == (3 * 32, 32)  # LR-bicubic | SR | HR
+
+
+def test_monitor_without_tensorboard_or_matplotlib(tmp_path, monkeypatch):
+    for name in ("torch.utils.tensorboard", "matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes the import fail
+    (tmp_path / "log.csv").write_text("iter,loss,lr,psnr,ssim,bicubic_psnr,seconds\n3,0.1,0.0005,30,0.9,29,1.0\n")
+    lines: list[str] = []
+    monitor = Monitor(tmp_path, lines.append)
+    monitor.scalars(3, {"val/psnr": 30.0})
+    monitor.images(3, [torch.zeros(3, 8, 24)])
+    monitor.curves()
+    monitor.curves()
+    monitor.close()
+    assert plot_curves(tmp_path / "log.csv", tmp_path / "curves.png") is False
+    assert not (tmp_path / "curves.png").exists() and not (tmp_path / "tb").exists()
+    assert len(lines) == 2 and "tensorboard" in lines[0] and "matplotlib" in lines[1]
+
+
+def test_curves_png_from_log(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "log.csv"
+    log.write_text("iter,loss,lr,psnr,ssim,bicubic_psnr,seconds\n500,0.04,5e-4,24.2,0.5,30.4,600\n1000,0.02,5e-4,29")
+    assert plot_curves(log, tmp_path / "curves.png")  # the torn last row is skipped
+    assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -44,6 +44,14 @@ def bicubic_down(hr: torch.Tensor, scale: int) -> torch.Tensor:
     return mh @ hr @ mw.T
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The sampler seed of one DDP rank: `seed` itself on rank 0 (single-process runs are unchanged), else mixed."""
+    if rank == 0:
+        return seed
+    # SeedSequence mixes (seed, rank) so neighbouring ranks/seeds do not draw overlapping streams
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class PatchSampler:
     """Random (LR, HR) patch batches from in-memory HR images, with flips and 90-degree rotations.
 

@@ -1,13 +1,16 @@
-"""Image training loop: L1, AdamW, warm-up + step decay, EMA, BasicSR-layout checkpoints, exact resume."""
+"""Image training loop: L1, AdamW, warm-up + step decay, EMA, BasicSR-layout checkpoints, exact resume, DDP."""
 
 from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import math
 import os
 import time
 import tomllib
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +18,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from esc_stream.checkpoints import save_checkpoint, state_dict_from_model
 from esc_stream.metrics import psnr_y, ssim_y
 from esc_stream.models import create_model
 from esc_stream.tiling import upscale_tensor
 
-from .data import PatchSampler, bicubic_down, load_images
+from . import distributed
+from .data import PatchSampler, bicubic_down, load_images, rank_seed
+from .monitor import Monitor
+
+# Set (to anything) by tests: at the end of a run each rank writes <out>/digest_rank<R>.txt, the SHA-256 of its
+# params and EMA, so a test can check that every DDP rank ended with the same weights.
+DIGEST_ENV = "ESC_TRAIN_DIGESTS"
 
 
 @dataclass
@@ -46,7 +56,9 @@ class TrainConfig:
     ema: float = 0.999
     val_every: int = 500
     save_every: int = 250
+    log_every: int = 100
     threads: int = 1
+    device: str = "cpu"
     seed: int = 0
     out: str = "runs/default_x2"
     init_from: str = ""
@@ -87,50 +99,80 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 class Trainer:
-    """Holds model, EMA, optimizer and sampler; `step()` runs one iteration; state round-trips exactly."""
+    """Holds model, EMA, optimizer and sampler; `step()` runs one iteration; state round-trips exactly.
 
-    def __init__(self, cfg: TrainConfig, images: list[torch.Tensor] | None = None) -> None:
+    Inside a torchrun process group the model is wrapped in DistributedDataParallel and each rank samples its
+    own patches; `save()` then gathers every rank's sampler state and must be called on all ranks.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        images: list[torch.Tensor] | None = None,
+        rank: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.cfg = cfg
+        ddp = distributed.running()
+        self.rank = torch.distributed.get_rank() if ddp else (rank or 0)
+        self.device = torch.device(device)
+        # the same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at wrap time)
         torch.manual_seed(cfg.seed)
         self.model = create_model(cfg.variant, cfg.scale)
         if cfg.init_from:
             from esc_stream.checkpoints import read_state_dict
 
             self.model.load_state_dict(read_state_dict(cfg.init_from))
+        self.model.to(self.device)
         self.ema = copy.deepcopy(self.model).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
+        # `net` runs the forward pass; `model` is always the bare module, so saved keys carry no "module." prefix
+        self.net: nn.Module = self.model
+        if ddp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: lr_factor(cfg, it))
         self.sampler = PatchSampler(
             images if images is not None else load_images(cfg.train_dir), cfg.scale, cfg.lr_patch, cfg.batch
         )
-        self.sampler.seed(cfg.seed)
+        self.sampler.seed(rank_seed(cfg.seed, self.rank))
         self.iter = 0
+        self.resumed_sampler = True
 
     def step(self) -> float:
-        self.model.train()
+        self.net.train()
         lr, hr = self.sampler.sample()
-        loss = F.l1_loss(self.model(lr), hr)
+        lr, hr = lr.to(self.device), hr.to(self.device)
+        loss = F.l1_loss(self.net(lr), hr)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP this also averages the gradients over the ranks
         self.opt.step()
         self.sched.step()
+        # every rank holds the same weights after the step, so every rank's EMA stays identical without syncing
         update_ema(self.ema, self.model, self.cfg.ema)
         self.iter += 1
         return loss.item()
 
     def state(self) -> dict[str, Any]:
+        """Training state for the checkpoint; a collective under DDP (gathers every rank's sampler RNG)."""
+        ranks = distributed.gather(self.sampler.generator.get_state())
         return {
             "iter": self.iter,
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
-            "sampler_rng": self.sampler.generator.get_state(),
+            "sampler_rng": ranks[0],
+            "sampler_rng_ranks": ranks,
             "torch_rng": torch.get_rng_state(),
         }
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        return save_checkpoint(path, self.model, self.ema, extra={"train_state": self.state(), **(extra or {})})
+        """Write the checkpoint from rank 0; every rank must call it (the state gather is a collective)."""
+        state = self.state()
+        if self.rank == 0:
+            save_checkpoint(path, self.model, self.ema, extra={"train_state": state, **(extra or {})})
+        return Path(path)
 
     def resume(self, path: str | Path) -> None:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -139,9 +181,26 @@ class Trainer:
         st = ckpt["train_state"]
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
-        self.sampler.generator.set_state(st["sampler_rng"])
+        ranks = st.get("sampler_rng_ranks") or []
+        if self.rank < len(ranks):
+            self.sampler.generator.set_state(ranks[self.rank])
+        elif self.rank == 0:
+            self.sampler.generator.set_state(st["sampler_rng"])  # a file from before per-rank states
+        else:
+            # the file was written by fewer ranks: this rank keeps its fresh (seed, rank) stream
+            self.resumed_sampler = False
         torch.set_rng_state(st["torch_rng"])
         self.iter = int(st["iter"])
+
+
+def weights_digest(*state_dicts: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names and raw bytes of state dicts (e.g. a checkpoint's params and params_ema)."""
+    h = hashlib.sha256()
+    for sd in state_dicts:
+        for key, value in sd.items():
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def validation_set(cfg: TrainConfig) -> list[torch.Tensor]:
@@ -158,80 +217,142 @@ def validation_set(cfg: TrainConfig) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def validate(model: nn.Module, hrs: list[torch.Tensor], scale: int) -> dict[str, float]:
-    """PSNR/SSIM (Y, border=scale) of the model and of bicubic upscaling on the validation crops."""
+def validate(
+    model: nn.Module, hrs: list[torch.Tensor], scale: int, samples: list[torch.Tensor] | None = None, n_samples: int = 3
+) -> dict[str, float]:
+    """PSNR/SSIM (Y, border=scale) of the model and of bicubic upscaling on the validation crops.
+
+    With `samples`, LR-bicubic | SR | HR strips of the first `n_samples` crops are appended to it.
+    """
     model.eval()
     window = int(getattr(model, "window_size", 16))
+    device = next(model.parameters()).device
     psnr = ssim = bic = 0.0
-    for hr in hrs:
+    for i, hr in enumerate(hrs):
         lr = (bicubic_down(hr, scale).clamp(0, 1) * 255).round() / 255
-        sr = upscale_tensor(model, lr, scale, window)
+        sr = upscale_tensor(model, lr.to(device), scale, window).cpu()
         up = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False)
         psnr += psnr_y(sr, hr, scale)
         ssim += ssim_y(sr, hr, scale)
         bic += psnr_y(up, hr, scale)
+        if samples is not None and i < n_samples:
+            samples.append(torch.cat([up, sr, hr], dim=-1)[0].clamp(0, 1))
     n = len(hrs)
     return {"psnr": psnr / n, "ssim": ssim / n, "bicubic_psnr": bic / n}
 
 
-def train(cfg: TrainConfig, log=print) -> Path:
-    """Run (or resume) the configured training; returns the output folder."""
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) the configured training; returns the output folder. Under torchrun, runs as one DDP rank."""
+    env = distributed.env_from_torchrun()
+    device = distributed.pick_device(cfg.device, env)
+    started = distributed.start(env, device)
+    try:
+        return _train(cfg, env, device, log if env.is_main else _quiet)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, env: distributed.DistEnv, device: torch.device, log: Callable[[str], None]) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, device=device)
+    if env.active:
+        log(f"DDP: {env.world} ranks, {cfg.batch} patches per rank per step ({env.world * cfg.batch} in all)")
     last = out / "last.pth"
     if last.exists():
         trainer.resume(last)
         log(f"resumed from {last} at iteration {trainer.iter}")
-    hrs = validation_set(cfg)
+        if not all(distributed.gather(trainer.resumed_sampler)):
+            log("note: the checkpoint has no sampler state for some ranks (fewer ranks wrote it); they start afresh")
+    main = env.is_main
+    hrs = validation_set(cfg) if main else []
+    monitor = Monitor(out, log, start_iter=trainer.iter) if main else None
     log_path = out / "log.csv"
     new_log = not log_path.exists()
     best_path = out / "best.txt"
     best = float(best_path.read_text().split()[0]) if best_path.exists() else -math.inf
-    with open(log_path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new_log:
+    with open(log_path, "a", newline="") if main else nullcontext() as f:
+        writer = csv.writer(f) if f is not None else None
+        if writer is not None and new_log:
             writer.writerow(["iter", "loss", "lr", "psnr", "ssim", "bicubic_psnr", "seconds"])
-        t0, losses = time.time(), []
+        t0 = t_log = time.time()
+        losses: list[float] = []  # since the last validation
+        log_losses: list[float] = []  # since the last progress line
         while trainer.iter < cfg.iters:
-            losses.append(trainer.step())
+            loss_now = trainer.step()
+            losses.append(loss_now)
+            log_losses.append(loss_now)
             it = trainer.iter
-            if it % cfg.save_every == 0 or it == cfg.iters:
+            final = it == cfg.iters
+            if it % cfg.save_every == 0 or final:
                 trainer.save(last)
-            if it % cfg.val_every == 0 or it == cfg.iters:
-                m = validate(trainer.ema, hrs, cfg.scale)
-                dt = time.time() - t0
-                rate = len(losses) / dt
-                eta = (cfg.iters - it) / rate / 3600
-                loss = sum(losses) / len(losses)
-                lr_now = trainer.opt.param_groups[0]["lr"]
-                writer.writerow(
-                    [
-                        it,
-                        f"{loss:.5f}",
-                        f"{lr_now:.3g}",
-                        f"{m['psnr']:.3f}",
-                        f"{m['ssim']:.4f}",
-                        f"{m['bicubic_psnr']:.3f}",
-                        f"{dt:.1f}",
-                    ]
-                )
-                f.flush()
-                log(
-                    f"iter {it}/{cfg.iters} loss {loss:.4f} lr {lr_now:.2e} | EMA PSNR {m['psnr']:.2f} dB "
-                    f"SSIM {m['ssim']:.4f} (bicubic {m['bicubic_psnr']:.2f}) | {rate:.2f} it/s, ETA {eta:.1f} h"
-                )
-                if m["psnr"] > best:
-                    best = m["psnr"]
-                    save_checkpoint(
-                        out / "best_ema.safetensors",
-                        trainer.model,
-                        trainer.ema,
-                        extra={"iter": it, "psnr_y": f"{best:.3f}", "variant": cfg.variant, "scale": cfg.scale},
+                log(f"saved {last.name} at iteration {it}")
+            lr_now = trainer.opt.param_groups[0]["lr"]
+            is_val = it % cfg.val_every == 0 or final
+            if it % cfg.log_every == 0 or final:
+                # every rank reaches this line at the same iteration, so the mean is a matched collective
+                loss = distributed.mean(sum(log_losses) / len(log_losses), device)
+                rate = len(log_losses) / max(time.time() - t_log, 1e-9)
+                if not is_val:  # the validation line below carries the same numbers
+                    eta = (cfg.iters - it) / rate / 3600
+                    log(f"iter {it}/{cfg.iters} loss {loss:.4f} lr {lr_now:.2e} | {rate:.2f} it/s, ETA {eta:.1f} h")
+                if monitor is not None:
+                    monitor.scalars(it, {"train/loss": loss, "train/lr": lr_now, "train/it_per_s": rate})
+                t_log, log_losses = time.time(), []
+            if is_val:
+                loss = distributed.mean(sum(losses) / len(losses), device)
+                if main and writer is not None and monitor is not None and f is not None:
+                    t_val = time.time()
+                    samples: list[torch.Tensor] = []
+                    m = validate(trainer.ema, hrs, cfg.scale, samples)
+                    dt = time.time() - t0  # as before: the seconds column includes this validation
+                    rate = len(losses) / max(dt, 1e-9)
+                    eta = (cfg.iters - it) / rate / 3600
+                    writer.writerow(
+                        [
+                            it,
+                            f"{loss:.5f}",
+                            f"{lr_now:.3g}",
+                            f"{m['psnr']:.3f}",
+                            f"{m['ssim']:.4f}",
+                            f"{m['bicubic_psnr']:.3f}",
+                            f"{dt:.1f}",
+                        ]
                     )
-                    best_path.write_text(f"{best:.4f} {it}\n")
+                    f.flush()
+                    log(
+                        f"iter {it}/{cfg.iters} loss {loss:.4f} lr {lr_now:.2e} | EMA PSNR {m['psnr']:.2f} dB "
+                        f"SSIM {m['ssim']:.4f} (bicubic {m['bicubic_psnr']:.2f}) | {rate:.2f} it/s, ETA {eta:.1f} h"
+                    )
+                    monitor.scalars(it, {f"val/{k}": v for k, v in m.items()})
+                    monitor.images(it, samples)
+                    monitor.flush()
+                    monitor.curves()
+                    if m["psnr"] > best:
+                        best = m["psnr"]
+                        save_checkpoint(
+                            out / "best_ema.safetensors",
+                            trainer.model,
+                            trainer.ema,
+                            extra={"iter": it, "psnr_y": f"{best:.3f}", "variant": cfg.variant, "scale": cfg.scale},
+                        )
+                        best_path.write_text(f"{best:.4f} {it}\n")
+                    # the progress-line rate should count training steps only, not this validation
+                    t_log += time.time() - t_val
+                distributed.barrier()  # the other ranks wait here while rank 0 validates and writes
                 t0, losses = time.time(), []
+    if monitor is not None:
+        monitor.close()
+    if os.environ.get(DIGEST_ENV):
+        digest = weights_digest(trainer.model.state_dict(), trainer.ema.state_dict())
+        (out / f"digest_rank{env.rank}.txt").write_text(digest + "\n")
+    distributed.barrier()  # rank 0's files are complete before any rank reports success
     return out
 
 
@@ -242,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="TOML run configuration")
     ap.add_argument("--iters", type=int, help="override the number of iterations")
     ap.add_argument("--threads", type=int, help="override CPU threads")
+    ap.add_argument("--device", help="override the device: cpu, cuda (under torchrun: one GPU per rank)")
     args = ap.parse_args(argv)
     try:
         cfg = TrainConfig.from_toml(args.config)
@@ -252,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.iters = args.iters
     if args.threads:
         cfg.threads = args.threads
+    if args.device:
+        cfg.device = args.device
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     try:
         train(cfg, log=lambda s: print(s, flush=True))
@@ -261,4 +385,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["TrainConfig", "Trainer", "main", "state_dict_from_model", "train", "validate"]
+__all__ = ["TrainConfig", "Trainer", "main", "state_dict_from_model", "train", "validate", "weights_digest"]
