@@ -65,3 +65,21 @@ def test_temporal_fine_tune_step_reduces_flicker_on_a_clip(shared_data):
     after = flicker(model(lr.flatten(0, 1)).unflatten(0, (2, 3)).detach(), hr)
     assert set(parts) == {"frame_l1", "temporal_l1"} and np.isfinite(after)
     assert after < before
+
+
+def test_finetune_run_reports_flicker_before_and_after(tmp_path, shared_data):
+    from esc_stream.checkpoints import save_checkpoint
+    from training.finetune import FinetuneConfig, finetune
+
+    torch.manual_seed(0)
+    init = save_checkpoint(tmp_path / "init.safetensors", create_model("esc_small", 2))
+    cfg = FinetuneConfig(init=str(init), stills_dir=str(SHARED / "kodak24"), val_stills_dir=str(SHARED / "kodak24"),
+                         sequences=[str(SHARED / "realvideo_demo000")], frames=3, lr_patch=16, batch=2, iters=2,
+                         val_every=2, val_clips=2, out=str(tmp_path / "ft"), threads=2)  # fmt: skip
+    out = finetune(cfg, log=lambda s: None)
+    rows = (out / "finetune_log.csv").read_text().splitlines()
+    assert rows[0].startswith("iter,") and rows[1].startswith("0,") and rows[2].startswith("2,")
+    assert (out / "finetuned_ema.safetensors").exists() and (out / "finetune_last.pth").exists()
+    cfg.iters = 3
+    finetune(cfg, log=lambda s: None)  # resumes from finetune_last.pth
+    assert (out / "finetune_log.csv").read_text().splitlines()[-1].startswith("3,")
