@@ -130,3 +130,14 @@ def test_info_describes_checkpoint(weights, capsys):
     assert main(["info", str(weights)]) == 0
     out = capsys.readouterr().out
     assert "esc_small" in out and "x2" in out and "window_size = 16" in out
+
+
+def test_image_exact_size(tmp_path, weights):
+    src, dst = tmp_path / "in.png", tmp_path / "sized.png"
+    Image.fromarray(_rgb(20, 30)).save(src)
+    assert main(["image", str(src), str(dst), "--weights", str(weights), "--size", "45x31"]) == 0
+    with Image.open(dst) as im:
+        assert im.size == (45, 31)
+    assert main(["image", str(src), str(dst), "--weights", str(weights), "--width", "90"]) == 0
+    with Image.open(dst) as im:
+        assert im.size == (90, 60)

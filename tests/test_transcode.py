@@ -354,3 +354,31 @@ def test_unsupported_pixel_format_is_named():
     check_pixel_format("x.mkv", "yuv420p10le")
     with pytest.raises(VideoError, match="pixel format vdpau is not supported"):
         check_pixel_format("x.mkv", "vdpau")
+
+
+@pytest.mark.parametrize(
+    "size, sar, expect",
+    [((1920, 1080), None, (1920, 1080, Fraction(1))), ((None, 1080), None, (1920, 1080, Fraction(1))),
+     ((1920, None), Fraction(32, 27), (1920, 1080, Fraction(1))), ((1440, 1080), None, (1440, 1080, Fraction(4, 3)))],
+)  # fmt: skip
+def test_target_size_keeps_the_display_aspect(size, sar, expect):
+    from esc_stream.video.colour import target_size
+
+    src = (720, 480) if sar else (1280, 720)
+    assert target_size(*src, sar, size) == expect
+
+
+def test_size_gives_exact_output_and_square_pixels(tmp_path, up, frames):
+    # 64x36 at SAR 32:27 displays as 64*32/27 x 36 (~ 2.107:1); asked for width 150 -> height 72, square pixels
+    anamorphic = make_clip(tmp_path / "ana.mkv", frames[:3], colour={"sample_aspect_ratio": Fraction(32, 27)})
+    dst = tmp_path / "sized.mkv"
+    transcode(anamorphic, dst, up, TranscodeOptions(size=(150, None)))
+    info = probe(dst)
+    assert (info.width, info.height) == (150, 72)
+    # square up to the rounding of the height to an even number (71.2 -> 72)
+    assert info.sar is not None and abs(float(info.sar) - 1) < 0.02
+    odd = tmp_path / "odd.mkv"
+    with pytest.raises(VideoError, match="odd side"):
+        transcode(anamorphic, odd, up, TranscodeOptions(size=(151, 73)))
+    transcode(anamorphic, odd, up, TranscodeOptions(size=(151, 73), pix_fmt="yuv444p"))
+    assert (probe(odd).width, probe(odd).height) == (151, 73)

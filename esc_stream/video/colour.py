@@ -7,6 +7,7 @@ the conversion back uses the same matrix and range, and the output is tagged lik
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -23,6 +24,27 @@ _TRC_NAMES = {1: "bt709", 2: "unspecified", 4: "gamma22", 5: "gamma28", 6: "smpt
               13: "iec61966-2-1", 14: "bt2020-10", 15: "bt2020-12", 16: "smpte2084", 18: "arib-std-b67"}  # fmt: skip
 
 _SCALE_FLAGS = Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+
+
+def target_size(
+    width: int, height: int, sar: Fraction | None, size: tuple[int | None, int | None]
+) -> tuple[int, int, Fraction]:
+    """Output (w, h, sar) for a requested size; a missing side follows the display aspect, rounded to even.
+
+    The display aspect ratio is kept: the output's sample aspect ratio is whatever makes w x h show it, so an
+    anamorphic source scaled to its display aspect gets square pixels.
+    """
+    dar = Fraction(width, height) * (sar if sar and sar > 0 else 1)
+    w, h = size
+    if w is None and h is None:
+        raise ValueError("give a width, a height or both")
+    if w is None:
+        assert h is not None
+        w = max(2, round(h * dar / 2) * 2)
+    if h is None:
+        h = max(2, round(w / dar / 2) * 2)
+    out_sar = (dar / Fraction(w, h)).limit_denominator(1000)
+    return w, h, out_sar
 
 
 @dataclass(frozen=True)
@@ -87,17 +109,25 @@ def frame_to_rgb(frame: av.VideoFrame, colour: Colour) -> np.ndarray:
     return rgb.to_ndarray()
 
 
-def rgb_to_frame(rgb: np.ndarray, pix_fmt: str, colour: Colour) -> av.VideoFrame:
-    """HxWx3 uint8/uint16 RGB -> frame in `pix_fmt`, with the source's matrix and range, tagged."""
+_RESAMPLE_FLAGS = Interpolation.LANCZOS | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+
+
+def rgb_to_frame(rgb: np.ndarray, pix_fmt: str, colour: Colour, size: tuple[int, int] | None = None) -> av.VideoFrame:
+    """HxWx3 uint8/uint16 RGB -> frame in `pix_fmt` (resampled to `size` = (w, h) with Lanczos if given),
+    with the source's matrix and range, tagged."""
     src = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb48le" if rgb.dtype == np.uint16 else "rgb24")
+    w, h = size if size else (None, None)
+    flags = _RESAMPLE_FLAGS if size and size != (rgb.shape[1], rgb.shape[0]) else _SCALE_FLAGS
     if pix_fmt.startswith(("rgb", "bgr", "gbr")):
-        return src.reformat(format=pix_fmt)
+        return src.reformat(width=w, height=h, format=pix_fmt, interpolation=flags)
     out = src.reformat(
+        width=w,
+        height=h,
         format=pix_fmt,
         dst_colorspace=colour.sws_matrix,
         src_color_range=ColorRange.JPEG,
         dst_color_range=ColorRange.JPEG if colour.full_range else ColorRange.MPEG,
-        interpolation=_SCALE_FLAGS,
+        interpolation=flags,
     )
     out.colorspace = colour.matrix
     out.color_range = colour.range if colour.range else 1

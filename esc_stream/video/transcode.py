@@ -20,7 +20,7 @@ import av
 import numpy as np
 
 from ..engine.pipeline import run_pipeline
-from .colour import Colour, frame_to_rgb, pixel_bits, rgb_to_frame
+from .colour import Colour, frame_to_rgb, pixel_bits, rgb_to_frame, target_size
 from .probe import VideoError, VideoInfo, open_input, probe
 
 # output container by file extension (the .partial name hides it from FFmpeg's own guess)
@@ -56,6 +56,7 @@ class TranscodeOptions:
     start: float = 0.0
     duration: float | None = None
     resume: bool = False
+    size: tuple[int | None, int | None] | None = None
 
 
 @dataclass
@@ -109,6 +110,16 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
         raise VideoError(f"{dst}: already exists (use --overwrite to replace it)")
 
 
+def output_geometry(info: VideoInfo, scale: int, opts: TranscodeOptions) -> tuple[int, int, Fraction | None]:
+    """(width, height, sample aspect) of the output: the model's scale, or the requested size."""
+    if opts.size:
+        try:
+            return target_size(info.width, info.height, info.sar, opts.size)
+        except ValueError as exc:
+            raise VideoError(f"--size: {exc}") from None
+    return info.width * scale, info.height * scale, info.sar
+
+
 def _open_encoder(
     out: av.container.OutputContainer, info: VideoInfo, scale: int, opts: TranscodeOptions, fmt: str
 ) -> av.video.stream.VideoStream:
@@ -116,7 +127,7 @@ def _open_encoder(
     if codec not in av.codecs_available:
         raise VideoError(f"-c:v {codec}: no such encoder in this FFmpeg build")
     pix_fmt = opts.pix_fmt or default_pix_fmt(info, codec)
-    width, height = info.width * scale, info.height * scale
+    width, height, sar = output_geometry(info, scale, opts)
     if ("420" in pix_fmt or "422" in pix_fmt) and (width % 2 or (height % 2 and "420" in pix_fmt)):
         raise VideoError(f"output {width}x{height} has an odd side, which {pix_fmt} cannot hold; use --pix-fmt yuv444p")
     rate = info.average_rate if info.average_rate else Fraction(25)
@@ -130,8 +141,8 @@ def _open_encoder(
     c = info.colour
     cc.color_range = c.range if c.range else 1
     cc.colorspace, cc.color_primaries, cc.color_trc = c.matrix, c.primaries, c.transfer
-    if info.sar and info.sar.numerator:
-        cc.sample_aspect_ratio = info.sar
+    if sar and sar.numerator:
+        cc.sample_aspect_ratio = sar
     options = dict(opts.encoder_options)
     if codec in ("libx264", "libx265"):
         options.setdefault("crf", str(opts.crf if opts.crf is not None else 18))
@@ -386,6 +397,7 @@ def _run(
 ) -> int:
     colour: Colour = info.colour
     pix_fmt = ovs.codec_context.pix_fmt or "yuv420p"
+    size = (ovs.codec_context.width, ovs.codec_context.height)
     out_colour = Colour(colour.matrix, colour.primaries, colour.transfer, colour.range,
                         pixel_bits(pix_fmt), colour.height * upscaler.scale)  # fmt: skip
     tb = ivs.time_base
@@ -460,7 +472,7 @@ def _run(
         if last_pts is not None and pts <= last_pts:  # duplicate timestamps would stop the encoder
             pts = last_pts + 1
         last_pts = pts
-        frame = rgb_to_frame(np.asarray(rgb), pix_fmt, out_colour)
+        frame = rgb_to_frame(np.asarray(rgb), pix_fmt, out_colour, size)
         frame.pts, frame.time_base = pts, tb
         for packet in ovs.encode(frame):
             out.mux(packet)
