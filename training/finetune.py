@@ -16,7 +16,6 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -26,7 +25,7 @@ from esc_stream.metrics import psnr_y
 from .clips import ClipSampler, FrameSequence
 from .data import load_images
 from .temporal import clip_forward, clip_loss, flicker
-from .train import update_ema
+from .train import read_settings, update_ema
 
 
 @dataclass
@@ -51,27 +50,8 @@ class FinetuneConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> FinetuneConfig:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-        flat: dict[str, Any] = {}
-        for value in raw.values():
-            if isinstance(value, dict):
-                flat.update(value)
-        flat.update({k: v for k, v in raw.items() if not isinstance(v, dict)})
-        unknown = set(flat) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
-        base = Path(path).parent
-
-        def resolve(p: str) -> str:
-            return p if not p or Path(p).is_absolute() else str((base / p).resolve())
-
-        for key in ("init", "stills_dir", "val_stills_dir", "out"):
-            if key in flat:
-                flat[key] = resolve(flat[key])
-        if "sequences" in flat:
-            flat["sequences"] = [resolve(p) for p in flat["sequences"]]
-        return cls(**flat)
+        keys = ("init", "stills_dir", "val_stills_dir", "out", "sequences")
+        return cls(**read_settings(path, set(cls.__dataclass_fields__), keys))
 
 
 def validation_clips(cfg: FinetuneConfig, scale: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,32 @@ from .monitor import Monitor
 DIGEST_ENV = "ESC_TRAIN_DIGESTS"
 
 
+def read_settings(path: str | Path, known: set[str], path_keys: tuple[str, ...]) -> dict[str, Any]:
+    """A TOML run file flattened (tables merged), checked for unknown keys, with relative paths (single or
+    lists) resolved against the file's folder."""
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    flat: dict[str, Any] = {}
+    for value in raw.values():
+        if isinstance(value, dict):
+            flat.update(value)
+    flat.update({k: v for k, v in raw.items() if not isinstance(v, dict)})
+    unknown = set(flat) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+    base = Path(path).parent
+
+    def resolve(p: str) -> str:
+        return p if not p or Path(p).is_absolute() else str((base / p).resolve())
+
+    for key in path_keys:
+        if isinstance(flat.get(key), list):
+            flat[key] = [resolve(p) for p in flat[key]]
+        elif flat.get(key):
+            flat[key] = resolve(flat[key])
+    return flat
+
+
 @dataclass
 class TrainConfig:
     """One run, read from a TOML file (see training/configs/)."""
@@ -65,23 +91,9 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-        flat: dict[str, Any] = {}
-        for value in raw.values():
-            if isinstance(value, dict):
-                flat.update(value)
-        flat.update({k: v for k, v in raw.items() if not isinstance(v, dict)})
-        known = set(cls.__dataclass_fields__)
-        unknown = set(flat) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        flat = read_settings(path, set(cls.__dataclass_fields__), ("train_dir", "val_dir", "out", "init_from"))
         if "betas" in flat:
             flat["betas"] = tuple(flat["betas"])
-        base = Path(path).parent
-        for key in ("train_dir", "val_dir", "out", "init_from"):
-            if flat.get(key) and not Path(flat[key]).is_absolute():
-                flat[key] = str((base / flat[key]).resolve())
         return cls(**flat)
 
 
