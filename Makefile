@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml vs_plugin/esc_vs.c
 	echo "using $$py ($$($$py --version))"; \
 	[ -x $(PY) ] || "$$py" -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m pip install -q -e '.[train,dev,demo,onnx,ray]'
 	$(PY) -m vs_plugin.build   # core.esc shim -> VapourSynth's autoload folder, then `vapoursynth config`
 	@touch $(STAMP)
 
