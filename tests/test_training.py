@@ -195,3 +195,24 @@ def test_curves_png_from_log(tmp_path):
     log.write_text("iter,loss,lr,psnr,ssim,bicubic_psnr,seconds\n500,0.04,5e-4,24.2,0.5,30.4,600\n1000,0.02,5e-4,29")
     assert plot_curves(log, tmp_path / "curves.png")  # the torn last row is skipped
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_init_from_other_scale_keeps_body_and_fresh_upsampler(tmp_path):
+    from esc_stream.checkpoints import save_checkpoint
+    from esc_stream.models import create_model
+    from training.train import transfer_weights
+
+    torch.manual_seed(3)
+    x2 = create_model("esc_small", 2)
+    ckpt = tmp_path / "x2.pth"
+    save_checkpoint(ckpt, x2)
+    trainer = Trainer(_cfg(tmp_path, scale=4, lr_patch=8, init_from=str(ckpt)), _images())
+    got, src = trainer.model.state_dict(), x2.state_dict()
+    assert trainer.init_skipped == ["to_img.bias", "to_img.weight"]
+    for k, v in got.items():
+        if k.startswith("to_img."):
+            assert v.shape != src[k].shape
+        else:
+            assert torch.equal(v, src[k]), k
+    with pytest.raises(ValueError, match="no tensor"):
+        transfer_weights(create_model("esc_small", 2), {"unrelated": torch.zeros(1)})

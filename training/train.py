@@ -110,6 +110,20 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
 
 
+def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load every tensor of `state` whose name and shape fit `model`; return the model keys left as they were.
+
+    This is how a x4 network starts from a trained x2 one: the body carries over, the upsampler (whose
+    output channels depend on the scale) keeps its fresh initialisation. A state that shares nothing is an error.
+    """
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fits:
+        raise ValueError("init_from: no tensor of the checkpoint fits this network (other variant?)")
+    model.load_state_dict(fits, strict=False)
+    return sorted(k for k in own if k not in fits)
+
+
 class Trainer:
     """Holds model, EMA, optimizer and sampler; `step()` runs one iteration; state round-trips exactly.
 
@@ -131,10 +145,11 @@ class Trainer:
         # the same seed on every rank: identical initial weights (DDP also broadcasts rank 0's at wrap time)
         torch.manual_seed(cfg.seed)
         self.model = create_model(cfg.variant, cfg.scale)
+        self.init_skipped: list[str] = []
         if cfg.init_from:
             from esc_stream.checkpoints import read_state_dict
 
-            self.model.load_state_dict(read_state_dict(cfg.init_from))
+            self.init_skipped = transfer_weights(self.model, read_state_dict(cfg.init_from))
         self.model.to(self.device)
         self.ema = copy.deepcopy(self.model).eval()
         for p in self.ema.parameters():
@@ -277,6 +292,8 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, device: torch.device, log
     if env.active:
         log(f"DDP: {env.world} ranks, {cfg.batch} patches per rank per step ({env.world * cfg.batch} in all)")
     last = out / "last.pth"
+    if trainer.init_skipped and not last.exists():
+        log(f"init_from {cfg.init_from}: fresh initialisation kept for {', '.join(trainer.init_skipped)}")
     if last.exists():
         trainer.resume(last)
         log(f"resumed from {last} at iteration {trainer.iter}")
