@@ -1,9 +1,11 @@
 """Evaluate a trained run on Kodak24 and ship its EMA weights as the embedded default model.
 
-    python -m training.release --run training/runs/default_x2 --scale 2 [--val ../shared/data/kodak24]
+    python -m training.release --run training/runs/default_x2 --scale 2 [--finetune training/runs/temporal_x2]
 
 Writes esc_stream/weights/esc_stream_default_x{S}.safetensors, a results block in
-esc_stream/weights/MODEL_CARD.md, and docs/before_after_x{S}.png (bicubic vs model crops).
+esc_stream/weights/MODEL_CARD.md, and docs/before_after_x{S}.png (bicubic vs model crops). With --finetune the
+temporally fine-tuned EMA of that folder is shipped instead of the run's best EMA; both are evaluated on Kodak24
+and the fine-tune's clip validation (PSNR and flicker, first and last rows of its log) goes into the card.
 """
 
 from __future__ import annotations
@@ -92,33 +94,66 @@ def _run_summary(run: Path) -> tuple[int, float]:
     return best_iter, seconds / 3600
 
 
+def finetune_summary(folder: Path) -> dict[str, float]:
+    """Iterations and clip PSNR / flicker before and after, from a temporal fine-tune's log."""
+    with open(folder / "finetune_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) < 2:
+        raise SystemExit(f"{folder}: the fine-tune has no validation after its start yet")
+    first, last = rows[0], rows[-1]
+    return {"iters": int(last["iter"]), "psnr_before": float(first["psnr"]), "psnr_after": float(last["psnr"]),
+            "flicker_before": float(first["flicker"]), "flicker_after": float(last["flicker"])}  # fmt: skip
+
+
+def _replace_block(text: str, name: str, block: str, anchor: str) -> str:
+    """Swap the marked block `name` in the card, or add it under the `anchor` comment the first time."""
+    pattern = re.compile(rf"<!-- {name} -->.*?<!-- end {name} -->", re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text)
+    if f"<!-- {anchor} -->" not in text:
+        raise SystemExit(f"MODEL_CARD.md has no <!-- {anchor} --> marker")
+    return text.replace(f"<!-- {anchor} -->", f"<!-- {anchor} -->\n{block}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--scale", type=int, default=2)
     ap.add_argument("--val", type=Path, default=ROOT.parent / "shared" / "data" / "kodak24")
+    ap.add_argument("--finetune", type=Path, help="ship this temporal fine-tune folder's finetuned_ema.safetensors")
     args = ap.parse_args()
     best = args.run / "best_ema.safetensors"
     target = ROOT / "esc_stream" / "weights" / f"esc_stream_default_x{args.scale}.safetensors"
-    m = evaluate(best, args.val, args.scale)
     it, hours = _run_summary(args.run)
+    snapshot = f"iteration {it}"
+    if args.finetune:
+        image_model = evaluate(best, args.val, args.scale)
+        print(f"image model before the temporal fine-tune: Kodak24 {image_model['psnr']:.3f} dB / "
+              f"{image_model['ssim']:.4f}")  # fmt: skip
+        ft = finetune_summary(args.finetune)
+        best = args.finetune / "finetuned_ema.safetensors"
+        snapshot += f" + {ft['iters']} temporal"
+    m = evaluate(best, args.val, args.scale)
     target.write_bytes(best.read_bytes())
     pic = before_after(target, args.val, args.scale, ROOT / "docs" / f"before_after_x{args.scale}.png")
     block = (
         f"<!-- results x{args.scale} -->\n"
-        f"| x{args.scale} | iteration {it} | {hours:.1f} CPU-h (1 thread) | "
+        f"| x{args.scale} | {snapshot} | {hours:.1f} CPU-h (1 thread) | "
         f"{m['psnr']:.2f} / {m['ssim']:.4f} | {m['bicubic_psnr']:.2f} / {m['bicubic_ssim']:.4f} | "
         f"{m['psnr'] - m['bicubic_psnr']:+.2f} dB |\n"
         f"<!-- end x{args.scale} -->"
     )
     card = ROOT / "esc_stream" / "weights" / "MODEL_CARD.md"
-    text = card.read_text()
-    pattern = re.compile(rf"<!-- results x{args.scale} -->.*?<!-- end x{args.scale} -->", re.S)
-    text = (
-        pattern.sub(block, text)
-        if pattern.search(text)
-        else text.replace("<!-- results -->", f"<!-- results -->\n{block}")
-    )
+    text = _replace_block(card.read_text(), f"results x{args.scale}", block, "results")
+    if args.finetune:
+        name = f"temporal x{args.scale}"
+        text = _replace_block(text, name, (
+            f"<!-- {name} -->\n"
+            f"| x{args.scale} | {ft['iters']} | {ft['psnr_before']:.2f} → {ft['psnr_after']:.2f} dB | "
+            f"{ft['flicker_before']:.3f} → {ft['flicker_after']:.3f} | "
+            f"{image_model['psnr']:.2f} → {m['psnr']:.2f} dB |\n"
+            f"<!-- end {name} -->"
+        ), "temporal")  # fmt: skip
     card.write_text(text)
     print(f"{best} -> {target}")
     print(f"Kodak24 x{args.scale} (Y, border {args.scale}, {m['images']} images): model {m['psnr']:.3f} dB / "
