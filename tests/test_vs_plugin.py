@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,30 @@ def test_yuv_goes_through_rgb_and_back_with_props(core, frames, weights, up, fmt
     assert not np.array_equal(planes_of(left, 0)[1], planes_of(out, 0)[1])
 
 
+def test_width_height_give_exact_sizes_keeping_the_display_aspect(core, frames, weights, up):
+    rgbs = clip_of(core, frames.astype(np.float32) / 255, vs.RGBS)
+    # exact size: the model's x2, then one Spline36 pass over the whole frame (no tile seams possible)
+    out = core.esc.Upscale(rgbs, weights=weights, width=123, height=70, tile=32, overlap=32)
+    assert (out.width, out.height, out.format.id) == (123, 70, vs.RGBS)
+    whole = core.resize.Spline36(core.esc.Upscale(rgbs, weights=weights), width=123, height=70)
+    assert np.abs(array_of(out, 1) - array_of(whole, 1)).max() < 1e-3
+    props = out.get_frame(0).props
+    assert Fraction(props["_SARNum"], props["_SARDen"]) == Fraction(W * 70, H * 123).limit_denominator(1000)
+
+    # one side given: the other follows the display aspect (SAR 32:27 -> square pixels), rounded to even
+    yuv = core.resize.Bicubic(clip_of(core, frames, vs.RGB24), format=vs.YUV420P8, matrix_s="709")
+    yuv = core.std.SetFrameProps(yuv, _SARNum=32, _SARDen=27)
+    out = core.esc.Upscale(yuv, weights=weights, width=190)
+    assert (out.width, out.height, out.format.id) == (190, 2 * round(190 / (W * 32 / 27 / H) / 2), vs.YUV420P8)
+    props = out.get_frame(0).props
+    assert abs(props["_SARNum"] / props["_SARDen"] - 1) < 0.02
+    # integer RGB is resized with Spline36, not the Point of its plain sample-type conversion
+    rgb24 = core.esc.Upscale(clip_of(core, frames, vs.RGB24), weights=weights, height=70)
+    assert (rgb24.width, rgb24.height) == (round(70 * W / H / 2) * 2, 70)
+    ref = core.resize.Spline36(core.esc.Upscale(rgbs, weights=weights), format=vs.RGB24, width=rgb24.width, height=70)
+    assert np.abs(array_of(rgb24, 0).astype(int) - array_of(ref, 0).astype(int)).max() <= 1
+
+
 def test_unset_colour_props_get_defaults_and_a_warning(core, frames, weights):
     yuv = core.resize.Bicubic(clip_of(core, frames, vs.RGB24), format=vs.YUV420P8, matrix_s="170m")
     bare = core.std.RemoveFrameProps(yuv, ["_Matrix", "_Range", "_ChromaLocation", "_Transfer", "_Primaries"])
@@ -178,6 +203,8 @@ BAD = {
     "bad device": ({"device": "tpu"}, "device"),
     "missing weights": ({"weights": "no/such/ESC_DIV2K_X2.pth"}, "not found"),
     "garbage weights": ({"weights": "GARBAGE"}, "weights"),
+    "zero width": ({"width": 0}, "width must be"),
+    "odd width for 4:2:0": ({"width": 101, "height": 60, "yuv": True}, "chroma subsampling"),
 }
 if not torch.cuda.is_available():
     BAD["cuda without cuda"] = ({"device": "cuda"}, "CUDA is not available")
@@ -190,7 +217,8 @@ def test_bad_arguments_fail_at_script_time(core, weights, tmp_path, case):
     if kwargs["weights"] == "GARBAGE":
         kwargs["weights"] = str(tmp_path / "garbage.pth")
         Path(kwargs["weights"]).write_bytes(b"not a checkpoint")
-    clip = core.std.BlankClip(format=vs.RGBS, width=32, height=32, length=2)
+    fmt = vs.YUV420P8 if kwargs.pop("yuv", False) else vs.RGBS
+    clip = core.std.BlankClip(format=fmt, width=32, height=32, length=2)
     with pytest.raises(vs.Error) as err:
         core.esc.Upscale(clip, **kwargs)  # no frame is requested: the call itself must fail
     assert ERROR.match(str(err.value)) and needle in str(err.value), str(err.value)

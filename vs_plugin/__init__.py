@@ -30,9 +30,12 @@ def upscale(
     device: str | None = None,
     num_streams: int | None = None,
     batch: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
 ) -> vs.VideoNode:
     """Same as `core.esc.Upscale(clip, ...)`; None leaves an argument at the filter's default."""
     _ensure_plugin(vs.core)
     kwargs = {"scale": scale, "tile": tile, "overlap": overlap, "device": device}
     kwargs |= {"num_streams": num_streams, "batch": batch, "weights": None if weights is None else os.fspath(weights)}
+    kwargs |= {"width": width, "height": height}
     return vs.core.esc.Upscale(clip, **{k: v for k, v in kwargs.items() if v is not None})

@@ -8,12 +8,14 @@ the shim builds the graph from the plan this module returns.
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import esc_stream
+from esc_stream.video.colour import target_size
 
 from .engine import Engine
 
@@ -55,7 +57,7 @@ def create(info: dict[str, int], props: dict[str, int], args: dict[str, Any]) ->
 
 
 def _create(info: dict[str, int], props: dict[str, int], args: dict[str, Any]) -> tuple[Engine, dict[str, Any], int]:
-    unknown = set(args) - {"scale", "weights", "tile", "overlap", "device", "num_streams", "batch"}
+    unknown = set(args) - {"scale", "weights", "tile", "overlap", "device", "num_streams", "batch", "width", "height"}
     if unknown:
         raise UserError(f"unknown arguments {sorted(unknown)}")
     width, height = info["width"], info["height"]
@@ -92,8 +94,38 @@ def _create(info: dict[str, int], props: dict[str, int], args: dict[str, Any]) -
         if scale is not None and scale != up.scale:
             raise UserError(f"scale={scale} but {path.name} is a x{up.scale} model")
 
+    post = _resize_plan(info, props, args, up.scale, post)
     engine = Engine(up, width, height, half=half, batch=batch, streams=streams)
     return engine, {"pre": pre, "post": post, "warnings": warnings}, up.scale
+
+
+def _resize_plan(info: dict[str, int], props: dict[str, int], args: dict[str, Any], scale: int,
+                 post: list[Step]) -> list[Step]:  # fmt: skip
+    """Post steps that also bring the model's output to width x height, keeping the display aspect.
+
+    The model runs at its own scale; the exact size comes from one Spline36 pass over the assembled RGB frame
+    (tiles cannot seam), merged into the conversion back to the clip's format when there is one. A missing
+    side follows the display aspect (frame 0's _SARNum/_SARDen); the output's _SAR says how to show the new size.
+    """
+    want_w, want_h = args.get("width"), args.get("height")
+    if want_w is None and want_h is None:
+        return post
+    for name, value in (("width", want_w), ("height", want_h)):
+        if value is not None and not 1 <= value <= 65536:
+            raise UserError(f"{name} must be in 1..65536, got {value}")
+    num, den = props.get("_SARNum", 0), props.get("_SARDen", 0)
+    sar = Fraction(num, den) if num > 0 and den > 0 else None
+    w, h, out_sar = target_size(info["width"], info["height"], sar, (want_w, want_h))
+    step_w, step_h = 1 << info["subsampling_w"], 1 << info["subsampling_h"]
+    if w % step_w or h % step_h:
+        raise UserError(f"{w}x{h} does not fit the clip's chroma subsampling: width must be a multiple of "
+                        f"{step_w} and height of {step_h}")  # fmt: skip
+    steps = [(ns, fn, dict(kw)) for ns, fn, kw in post]
+    last = steps.pop()[2] if steps else {}
+    steps.append(("resize", "Spline36", last | {"width": w, "height": h}))  # Point (integer RGB) would alias
+    if (w, h) != (info["width"] * scale, info["height"] * scale) and (sar is not None or out_sar != 1):
+        steps.append(("std", "SetFrameProps", {"_SARNum": out_sar.numerator, "_SARDen": out_sar.denominator}))
+    return steps
 
 
 def _int_arg(args: dict[str, Any], name: str, default: int, minimum: int, maximum: int | None = None) -> int:

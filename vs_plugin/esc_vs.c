@@ -167,7 +167,8 @@ static const VSFrame *VS_CC esc_get_frame(int n, int reason, void *instance, voi
 
 /* {"key": int} for the colour properties of frame 0 the Python side decides the conversion from. */
 static PyObject *frame_props(const VSAPI *vsapi, const VSFrame *f) {
-    static const char *keys[] = {"_Matrix", "_Range", "_ColorRange", "_Transfer", "_Primaries", "_ChromaLocation"};
+    static const char *keys[] = {"_Matrix",          "_Range",  "_ColorRange", "_Transfer",
+                                 "_Primaries",       "_SARNum", "_SARDen",     "_ChromaLocation"};
     PyObject *dict = PyDict_New();
     const VSMap *props = f ? vsapi->getFramePropertiesRO(f) : NULL;
     for (size_t i = 0; dict && props && i < sizeof keys / sizeof keys[0]; i++) {
@@ -186,7 +187,7 @@ static PyObject *frame_props(const VSAPI *vsapi, const VSFrame *f) {
 }
 
 static PyObject *arguments(const VSMap *in, const VSAPI *vsapi) {
-    static const char *ints[] = {"scale", "tile", "overlap", "num_streams", "batch"};
+    static const char *ints[] = {"scale", "tile", "overlap", "num_streams", "batch", "width", "height"};
     static const char *strs[] = {"weights", "device"};
     PyObject *dict = PyDict_New();
     for (size_t i = 0; dict && i < sizeof ints / sizeof ints[0]; i++) {
@@ -383,6 +384,6 @@ VS_EXTERNAL_API(void) VapourSynthPluginInit2(VSPlugin *plugin, const VSPLUGINAPI
                          VAPOURSYNTH_API_VERSION, 0, plugin);
     vspapi->registerFunction("Upscale",
                              "clip:vnode;scale:int:opt;weights:data:opt;tile:int:opt;overlap:int:opt;"
-                             "device:data:opt;num_streams:int:opt;batch:int:opt;",
+                             "device:data:opt;num_streams:int:opt;batch:int:opt;width:int:opt;height:int:opt;",
                              "clip:vnode;", esc_create, NULL, plugin);
 }
