@@ -324,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a checkpoint: variant, scale, hyper-parameters")
     p.add_argument("weights", type=Path)
     p.set_defaults(func=cmd_info)
+
+    import demo  # the web demo's options live with it (a light module: no Gradio until it starts)
+
+    p = sub.add_parser("demo", help="web demo (Gradio) on 127.0.0.1: upscale images and short videos in a browser")
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
     return ap
 
 

@@ -1,0 +1,7 @@
+"""`python -m demo`: the same as `esc-video demo`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
