@@ -36,6 +36,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP) lint
+	bash scripts/install_browser.sh   # Debian's chromium for the web demo's browser tests (they skip without it)
 	$(PY) -m pytest -q --durations=10
 
 bench: $(STAMP)
