@@ -34,7 +34,8 @@ CACHE_CLEANUP = (600, 3600)
 
 INTRO = """# esc-stream · ESC super-resolution
 Upscale a picture or a short clip on this server's CPU with the embedded default ×2 model (or an official ESC
-checkpoint you upload). Uploads are checked by content, processed in a private temporary folder and removed later."""
+checkpoint you upload). Uploads are checked by content and kept in a private temporary folder that is cleared after
+use (within the hour at the latest). One job per visitor at a time; jobs queue when the server is busy."""
 
 
 def _session(request: gr.Request | None) -> str:
@@ -151,6 +152,7 @@ def build_app(limits: Limits | None = None, workspace: Workspace | None = None) 
                     label="Official checkpoint (optional; its own scale is used)",
                     file_types=CHECKPOINT_EXTENSIONS,
                     type="filepath",
+                    height=150,
                     elem_id="checkpoint",
                 )
                 tile = gr.Number(value=512, precision=0, minimum=0, label="Tile (input pixels; 0 = whole frame)")

@@ -11,6 +11,8 @@ import io
 import os
 import shutil
 import socket
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -171,6 +173,14 @@ def test_video_job_keeps_audio_and_reports_progress(tmp_path, models, out_dir):
     assert "128×96" in r.text and "audio copied" in r.text
 
 
+def test_video_job_stopped_leaves_no_file(tmp_path, models, out_dir):
+    src = make_clip(tmp_path / "clip.mp4", _frames(3))
+    stop = threading.Event()  # what the page's Stop button sets; here pressed once the first frame is out
+    with pytest.raises(DemoError, match="stopped after"):
+        upscale_video(src, Settings(), models, Limits(), out_dir, lambda done, total, t: stop.set(), stop)
+    assert not list(out_dir.iterdir())
+
+
 def test_video_caps_and_content_checks(tmp_path):
     src = make_clip(tmp_path / "clip.mp4", _frames(10))  # 0.4 s, 64x48
     assert check_video(src, Limits()).width == 64
@@ -289,6 +299,12 @@ def test_browser_upscales_an_image(served, tmp_path):
     page.screenshot(path=str(shot), full_page=True)
     with Image.open(shot) as im:
         assert im.size[0] == 1280 and im.size[1] >= 600
+    page.goto("about:blank")  # the tab's session ends: its job folder goes
+    for _ in range(40):
+        if not list(workspace.root.glob("*/job-*/kodim23_small_x2.png")):
+            break
+        time.sleep(0.25)
+    assert not list(workspace.root.glob("*/job-*/kodim23_small_x2.png"))
 
 
 @pytest.mark.slow
@@ -302,3 +318,25 @@ def test_browser_shows_error_for_non_image(served, tmp_path):
     error.wait_for(timeout=30_000)
     assert error.is_visible()
     assert "Traceback" not in page.content()
+
+
+@pytest.mark.slow
+def test_browser_upscales_a_video_with_audio(served, tmp_path):
+    url, page, _ws = _open(served)
+    src = make_clip(tmp_path / "walk.mp4", _frames(6), audio=True)
+    page.get_by_role("tab", name="Video").click()
+    page.locator("#video-upload input[type=file]").set_input_files(str(src))
+    page.locator("#video-upload video").wait_for(timeout=15_000)
+    page.click("#video-run")
+    info = page.locator("#video-info")
+    info.get_by_text("audio copied").wait_for(timeout=60_000)
+    assert "128×96" in info.inner_text() and "6 frames" in info.inner_text()
+    page.locator("#video-result video").wait_for(timeout=10_000)
+    href = page.locator("#video-download a[href]").first.get_attribute("href")
+    assert href
+    out = tmp_path / "result.mp4"
+    with urllib.request.urlopen(href if href.startswith("http") else url + href, timeout=10) as resp:
+        out.write_bytes(resp.read())
+    with av.open(str(out)) as c:
+        v = c.streams.video[0].codec_context
+        assert (v.width, v.height) == (128, 96) and len(c.streams.audio) == 1
