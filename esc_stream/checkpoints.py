@@ -46,6 +46,8 @@ def _unwrap(obj: Any) -> dict[str, torch.Tensor] | None:
         if isinstance(inner, dict) and inner:
             obj = inner
             break
+    if isinstance(obj.get("sd"), dict):  # LIIF/LTE layout (esc_arb): {"model": {"name", "args", "sd"}, ...}
+        obj = obj["sd"]
     if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         return None
     prefixes = ("module.", "_orig_mod.", "net_g.")
@@ -92,6 +94,8 @@ def _count(sd: dict[str, torch.Tensor], pattern: str) -> int:
 
 def describe_state_dict(sd: dict[str, torch.Tensor]) -> ModelDescriptor:
     """Detect architecture, hyper-parameters and scale from keys and shapes; raises KeyError/ValueError."""
+    if "encoder.plk_filter" in sd and "imnet.layers.0.weight" in sd:
+        return _describe_lte(sd)
     if "lk_channel" in sd:
         arch = "ESCFP"
         pdim = sd["lk_channel"].shape[0]
@@ -131,6 +135,20 @@ def describe_state_dict(sd: dict[str, torch.Tensor]) -> ModelDescriptor:
     if arch == "ESC":
         config["use_ln"] = "blocks.0.lns.0.weight" in sd
     return ModelDescriptor(arch, config, scale, _variant_name(arch, config))
+
+
+def _describe_lte(sd: dict[str, torch.Tensor]) -> ModelDescriptor:
+    """Arbitrary-scale ESC (ESC encoder + LTE decoder). Its encoder is an ESC body without the pixel-shuffle
+    head, so it is read as one (with a stand-in head); the decoder's widths come from its tensors."""
+    body = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
+    body["to_img.weight"] = torch.empty(12, 1, 1, 1)  # stand-in x2 head: only its shape is read
+    config = dict(describe_state_dict(body).config)
+    n_layers = _count(sd, r"imnet\.layers\.(\d+)\.weight")
+    config["hidden_dim"] = sd["coef.weight"].shape[0]
+    config["mlp_hidden"] = tuple(sd[f"imnet.layers.{2 * i}.weight"].shape[0] for i in range(n_layers - 1))
+    ref = {"proj_ratio": 2.0, "use_ln": False, **VARIANTS["esc_lte"].config}
+    variant = "esc_lte" if all(config.get(k) == v for k, v in ref.items()) else "esc_lte_custom"
+    return ModelDescriptor("ESCLTE", config, 2, variant)
 
 
 _ARCH_PREFIX = {"ESC": "esc", "ESCFP": "esc_fp", "ESCReal": "esc_real"}

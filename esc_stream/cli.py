@@ -37,9 +37,20 @@ _positive = _whole_number(1, "at least 1")
 _non_negative = _whole_number(0, "0 or more")
 
 
+def _scale(text: str) -> int | float:
+    """argparse type: a scale factor; whole numbers come back as int (the ESC models' scales)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= v <= 32:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 32, got {text}")
+    return int(v) if v.is_integer() else v
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=Path, help="ESC checkpoint (.pth from the official release, or .safetensors)")
-    p.add_argument("--scale", type=int, choices=(2, 3, 4), help="scale of the default model (default 2)")
+    p.add_argument("--scale", type=_scale, help="2, 3 or 4 (default 2); any, e.g. 1.5, with an arbitrary-scale model")
     p.add_argument("--tile", type=_positive, help="tile side in input pixels (default: whole frame)")
     p.add_argument("--overlap", type=_non_negative, default=64, help="context pixels around each tile (default 64)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
@@ -58,18 +69,22 @@ def _load_upscaler(args: argparse.Namespace):
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    # a scale other than 2/3/4 needs an arbitrary-scale checkpoint, which then runs at 2 unless told a size
+    fixed = args.scale in (2, 3, 4)
+    if args.scale and not fixed and args.weights is None:
+        raise UserError(f"--scale {args.scale}: ESC models are x2, x3 or x4; other scales need --weights with an "
+                        "arbitrary-scale (ESC+LTE) checkpoint")  # fmt: skip
     try:
         dtype = getattr(torch, args.dtype)
         if dtype == torch.float16 and not args.device.startswith("cuda"):
             raise UserError("--dtype float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
-        up = load(
-            args.weights, scale=args.scale or 2, device=args.device, dtype=dtype, tile=args.tile, overlap=args.overlap
-        )
+        scale = args.scale if fixed else 2
+        up = load(args.weights, scale=scale, device=args.device, dtype=dtype, tile=args.tile, overlap=args.overlap)
     except CheckpointError as exc:
         raise UserError(str(exc)) from None
     except (RuntimeError, ValueError) as exc:
         raise UserError(f"--device {args.device}: {exc}") from None
-    if args.weights is not None and args.scale and args.scale != up.scale:
+    if args.weights is not None and args.scale and args.scale != up.scale and not up.arbitrary:
         raise UserError(f"--scale {args.scale} does not match {args.weights}, which is a x{up.scale} model")
     return up
 
@@ -109,9 +124,13 @@ def cmd_image(args: argparse.Namespace) -> int:
     if not up.pretrained:
         print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
     t0 = time.perf_counter()
-    rgb = up(pic.rgb)
-    alpha = _upscale_plane(up, pic.alpha) if pic.alpha is not None else None
     size = _requested_size(args)
+    if up.arbitrary and (size or args.scale):  # the model decodes the exact output grid: no resample
+        rgb, alpha = _arbitrary_image(up, pic, size, args.scale)
+        size = None
+    else:
+        rgb = up(pic.rgb)
+        alpha = _upscale_plane(up, pic.alpha) if pic.alpha is not None else None
     if size:
         from .video.colour import target_size
 
@@ -127,9 +146,27 @@ def cmd_image(args: argparse.Namespace) -> int:
     bits = 16 if pic.rgb.dtype == np.uint16 else 8
     print(
         f"{src} {w}x{h} -> {dst} {rgb.shape[1]}x{rgb.shape[0]} ({bits}-bit{', alpha' if alpha is not None else ''}) "
-        f"with {up.variant} x{up.scale} [{up.source}] in {dt:.2f} s"
+        f"with {up.variant} {'(any scale)' if up.arbitrary else f'x{up.scale}'} [{up.source}] in {dt:.2f} s"
     )
     return 0
+
+
+def _arbitrary_image(up, pic, size, scale) -> tuple[np.ndarray, np.ndarray | None]:
+    """RGB (and alpha) at the requested size, or at `scale`, straight from an arbitrary-scale model."""
+    h, w = pic.rgb.shape[:2]
+    if size:
+        from .video.colour import target_size
+
+        out_w, out_h, _ = target_size(w, h, None, size)
+    else:
+        out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
+    rgb = up.upscale_to(pic.rgb, (out_w, out_h))
+    alpha = None
+    if pic.alpha is not None:
+        peak = np.iinfo(pic.alpha.dtype).max
+        grey = np.repeat(pic.alpha[..., None], 3, axis=2).astype(np.float32) / peak
+        alpha = np.rint(up.upscale_to(grey, (out_w, out_h)).mean(axis=2) * peak).astype(pic.alpha.dtype)
+    return rgb, alpha
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -70,6 +70,11 @@ class Upscaler:
         return self.descriptor.variant
 
     @property
+    def arbitrary(self) -> bool:
+        """True for an arbitrary-scale model (ESC + LTE), which renders any output size directly."""
+        return bool(getattr(self.model, "arbitrary_scale", False))
+
+    @property
     def window_size(self) -> int:
         return int(self.descriptor.config["window_size"])
 
@@ -78,12 +83,35 @@ class Upscaler:
         return f"Upscaler({self.variant} x{self.scale}, {kind}, device={self.device}, tile={self.tile})"
 
     @torch.inference_mode()
-    def upscale_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) float in [0, 1] on any device -> (N, 3, sH, sW) on this upscaler's device, unclamped."""
+    def upscale_tensor(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(N, 3, H, W) float in [0, 1] on any device -> (N, 3, sH, sW) on this upscaler's device, unclamped.
+
+        With `size` = (height, width) the output has exactly that size: an arbitrary-scale model decodes that
+        grid directly (in chunks); any other runs at its scale and is resampled (MATLAB bicubic, antialiased).
+        """
         x = x.to(self.device, self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return upscale_tensor(self.model, x, self.scale, self.window_size, self.tile, self.overlap)
+        if self.arbitrary:
+            out_size = size or (x.shape[-2] * self.scale, x.shape[-1] * self.scale)
+            return self.model.render(x, out_size, self.tile, self.overlap)  # type: ignore[operator]
+        y = upscale_tensor(self.model, x, self.scale, self.window_size, self.tile, self.overlap)
+        if size is not None and tuple(y.shape[-2:]) != tuple(size):
+            from .resize import imresize
+
+            y = imresize(y, size=size)
+        return y
+
+    def upscale_to(self, frames: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray | torch.Tensor:
+        """Like calling the upscaler, but to an exact output `size` = (width, height), e.g. x1.5 or 1920x1080."""
+        w, h = size
+        if w < 1 or h < 1:
+            raise ValueError(f"output size must be positive, got {w}x{h}")
+        if isinstance(frames, torch.Tensor):
+            return self._call_tensor(frames, (h, w))
+        if isinstance(frames, np.ndarray):
+            return self._call_numpy(frames, (h, w))
+        raise TypeError(f"expected a numpy array or torch tensor, got {type(frames).__name__}")
 
     def __call__(self, frames: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         if isinstance(frames, torch.Tensor):
@@ -92,17 +120,17 @@ class Upscaler:
             return self._call_numpy(frames)
         raise TypeError(f"expected a numpy array or torch tensor, got {type(frames).__name__}")
 
-    def _call_tensor(self, x: torch.Tensor) -> torch.Tensor:
+    def _call_tensor(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if x.ndim == 3:
-            return self._call_tensor(x.unsqueeze(0))[0]
+            return self._call_tensor(x.unsqueeze(0), size)[0]
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an Nx3xHxW tensor, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"expected a float tensor in [0, 1], got {x.dtype}")
-        out = self.upscale_tensor(x).clamp(0, 1)
+        out = self.upscale_tensor(x, size).clamp(0, 1)
         return out.to(x.device, x.dtype)
 
-    def _call_numpy(self, frames: np.ndarray) -> np.ndarray:
+    def _call_numpy(self, frames: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
         single = frames.ndim == 3
         batch = frames[None] if single else frames
         if batch.ndim != 4 or batch.shape[-1] != 3:
@@ -118,7 +146,7 @@ class Upscaler:
         x = torch.from_numpy(np.require(batch, requirements=["C", "W"])).permute(0, 3, 1, 2).to(torch.float32)
         if peak != 1.0:
             x = x / peak
-        y = self.upscale_tensor(x).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        y = self.upscale_tensor(x, size).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         if peak != 1.0:
             y = np.rint(y * peak).astype(batch.dtype)
         else:
@@ -169,6 +197,8 @@ def load(
     else:
         model, desc = load_model(weights)
         source = str(weights)
+        if getattr(model, "arbitrary_scale", False):  # any scale: `scale` is the one plain calls use
+            desc = replace(desc, scale=scale)
     return Upscaler(
         model, desc, device=device, dtype=dtype, tile=tile, overlap=overlap, pretrained=pretrained, source=source
     )

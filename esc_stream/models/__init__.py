@@ -11,8 +11,9 @@ from torch import nn
 from .esc import ESC
 from .esc_fp import ESCFP
 from .esc_real import ESCReal
+from .lte import ESCLTE
 
-ARCHS: dict[str, type[nn.Module]] = {"ESC": ESC, "ESCFP": ESCFP, "ESCReal": ESCReal}
+ARCHS: dict[str, type[nn.Module]] = {"ESC": ESC, "ESCFP": ESCFP, "ESCReal": ESCReal, "ESCLTE": ESCLTE}
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ VARIANTS: dict[str, VariantSpec] = {
     ),
     "esc_fp": VariantSpec("esc_fp", "ESCFP", {**_ESC, "dim": 48, "num_heads": 3, "proj_ratio": 1.5}),
     "esc_real": VariantSpec("esc_real", "ESCReal", {**_ESC, "n_blocks": 10, "exp_ratio": 2.0}, scales=(4,)),
+    # arbitrary-scale ESC (official esc_arb/): ESC encoder + LTE decoder; "scales" are only nominal (any size works)
+    "esc_lte": VariantSpec("esc_lte", "ESCLTE", {**_ESC, "hidden_dim": 256, "mlp_hidden": (256, 256, 256)}),
     # esc-stream's own CPU-friendly configuration (not in the paper): the embedded default models use it.
     "esc_small": VariantSpec(
         "esc_small",
@@ -71,11 +74,13 @@ esc_light_x2, esc_light_x3, esc_light_x4 = (_constructor("esc_light", s) for s i
 esc_xl_x2, esc_xl_x3, esc_xl_x4 = (_constructor("esc_xl", s) for s in (2, 3, 4))
 esc_fp_x2, esc_fp_x3, esc_fp_x4 = (_constructor("esc_fp", s) for s in (2, 3, 4))
 esc_real_x4 = _constructor("esc_real", 4)
+esc_lte = _constructor("esc_lte", 2)
 
 __all__ = [
     "ARCHS",
     "ESC",
     "ESCFP",
+    "ESCLTE",
     "ESCReal",
     "VARIANTS",
     "VariantSpec",
@@ -86,6 +91,7 @@ __all__ = [
     "esc_light_x2",
     "esc_light_x3",
     "esc_light_x4",
+    "esc_lte",
     "esc_real_x4",
     "esc_x2",
     "esc_x3",
