@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     workspace = Workspace()
     # Gradio's upload cache lives inside the demo's own folder, so stopping the demo removes every upload
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workspace.root / "gradio"))
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a demo on a shared host does not phone home
     try:
         from .app import build_app, launch
     except ImportError as exc:

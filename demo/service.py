@@ -368,6 +368,8 @@ def upscale_video(
     up = models.get(settings)
     opts = TranscodeOptions(preset="veryfast", subtitles=False, size=settings.size)
     size = _output_size(info.width, info.height, info.sar, up.scale, settings, limits)
+    if size[0] % 2 or size[1] % 2:
+        raise DemoError(f"video sizes must be even (4:2:0 video cannot hold an odd side); got {size[0]}x{size[1]}")
     ext = ".mp4" if _audio_codecs(src) <= MP4_AUDIO else ".mkv"
     tag = f"x{up.scale}" if not settings.size else f"{size[0]}x{size[1]}"
     dst = out_dir / f"{_stem(src)}_{tag}{ext}"

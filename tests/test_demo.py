@@ -23,6 +23,7 @@ import torch
 from media import make_clip
 from PIL import Image
 
+import demo
 from demo.service import (
     DemoError,
     Limits,
@@ -34,6 +35,7 @@ from demo.service import (
     upscale_video,
 )
 from esc_stream.checkpoints import save_checkpoint
+from esc_stream.cli import build_parser
 from esc_stream.images import Picture, read_image, write_image
 from esc_stream.models import create_model
 
@@ -181,6 +183,12 @@ def test_video_job_stopped_leaves_no_file(tmp_path, models, out_dir):
     assert not list(out_dir.iterdir())
 
 
+def test_video_exact_size_must_be_even(tmp_path, models, out_dir):
+    src = make_clip(tmp_path / "clip.mp4", _frames(2))
+    with pytest.raises(DemoError, match="video sizes must be even.*got 101x76"):
+        upscale_video(src, Settings(size=(101, 76)), models, Limits(), out_dir)
+
+
 def test_video_caps_and_content_checks(tmp_path):
     src = make_clip(tmp_path / "clip.mp4", _frames(10))  # 0.4 s, 64x48
     assert check_video(src, Limits()).width == 64
@@ -215,6 +223,22 @@ def test_workspace_one_job_per_session_and_cleanup(tmp_path):
     assert not second.exists() and ws.stop_event("alice").is_set() is False
     ws.close()
     assert not ws.root.exists()
+
+
+def test_demo_command_line(monkeypatch, tmp_path, capsys):
+    args = build_parser().parse_args(["demo", "--port", "8123", "--max-seconds", "5", "--max-video-size", "640x360"])
+    assert args.func is demo.run and (args.port, args.max_seconds, args.max_video_size) == (8123, 5.0, (640, 360))
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["demo", "--max-video-size", "big"])
+    assert exit_info.value.code == 2 and "not a size: 'big'" in capsys.readouterr().err
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    with socket.socket() as busy:  # a port already taken: one line and status 1, no traceback
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert demo.main(["--port", str(busy.getsockname()[1])]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("esc-video: cannot serve on 127.0.0.1:") and "\n" not in err and "Traceback" not in err
 
 
 # ---- the page in headless Chromium ----
