@@ -203,7 +203,7 @@ class Models:
     def get(self, settings: Settings) -> Upscaler:
         ckpt = settings.checkpoint
         digest = _sha256(ckpt) if ckpt is not None else "default"
-        key = (digest, settings.scale if ckpt is None else 0, settings.tile)
+        key = (digest, settings.scale, settings.tile)  # arbitrary-scale checkpoints take the scale asked for
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -324,11 +324,11 @@ def upscale_image(src: Path, settings: Settings, models: Models, limits: Limits,
     up = models.get(settings)
     size = _output_size(w, h, None, up.scale, settings, limits)
     t0 = time.perf_counter()
-    rgb = np.asarray(up(pic.rgb))
+    # an exact size: arbitrary-scale models render it directly, the others run at their scale and are resampled
+    rgb = np.asarray(up.upscale_to(pic.rgb, size) if settings.size else up(pic.rgb))
     alpha = _upscale_plane(up, pic.alpha) if pic.alpha is not None else None
-    if settings.size:
-        rgb = _resample(rgb, *size)
-        alpha = _resample(alpha, *size) if alpha is not None else None
+    if alpha is not None and alpha.shape[:2] != rgb.shape[:2]:
+        alpha = _resample(alpha, *size)
     seconds = time.perf_counter() - t0
     tag = f"x{up.scale}" if not settings.size else f"{size[0]}x{size[1]}"
     png = write_image(out_dir / f"{_stem(src)}_{tag}.png", Picture(rgb, alpha))
