@@ -289,6 +289,10 @@ def cmd_transcode(args: argparse.Namespace) -> int:
         info = probe(src)
     except VideoError as exc:
         raise UserError(str(exc)) from None
+    if args.ray is not None:  # segments as Ray tasks; Ray is imported on this path only
+        from .scaleout.command import transcode_on_ray
+
+        return transcode_on_ray(args, opts)
     up = _load_upscaler(args)
     if not up.pretrained:
         print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
@@ -352,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue OUTPUT.partial from its last complete GOP")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT (and OUTPUT.partial) if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    from .scaleout.command import add_batch_parser, add_ray_options
+
+    add_ray_options(p, segments=True)
     p.set_defaults(func=cmd_transcode)
+    add_batch_parser(sub)
 
     p = sub.add_parser("probe", help="show what transcode would do with a file")
     p.add_argument("input")

@@ -1,0 +1,230 @@
+"""`esc-video transcode --ray` and `esc-video batch`: the command-line side of scale-out.
+
+Kept out of cli.py so that cli.py only registers the options and dispatches. Importing this module is
+cheap (no torch, no PyAV, no Ray): it is imported whenever the parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+
+def _seconds_positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return v
+
+
+def add_ray_options(p: argparse.ArgumentParser, *, segments: bool) -> None:
+    """--ray [ADDRESS] and its companions; shared by transcode (segments=True) and batch."""
+    from ..cli import _positive
+
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on Ray: ADDRESS of a cluster (ray://host:10001 or host:6379), or none for a local "
+                        "runtime on this machine")  # fmt: skip
+    p.add_argument("--workers", type=_positive,
+                   help="tasks at once (default: every CPU of the local runtime or the cluster)")  # fmt: skip
+    p.add_argument("--retries", type=int, default=3, help="re-runs of a task whose worker died (default 3)")
+    if segments:
+        p.add_argument("--segment", type=_seconds_positive, default=30.0, metavar="SECONDS",
+                       help="with --ray: shortest segment, cut at the next keyframe (default 30)")  # fmt: skip
+
+
+def add_batch_parser(sub: Any) -> None:
+    """Register `esc-video batch IN_DIR OUT_DIR`."""
+    from ..cli import _add_model_args, _key_value, _non_negative
+
+    p = sub.add_parser("batch", help="upscale every video under a folder (one failure never stops the rest)")
+    p.add_argument("input", help="folder to walk (recursively; never written)")
+    p.add_argument("output", help="folder for the outputs (same relative paths; created if missing)")
+    _add_model_args(p)
+    p.add_argument("-c:v", "--codec", dest="codec", help="video encoder (default libx264; vp9 for .webm)")
+    p.add_argument("--crf", type=_non_negative, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
+    p.add_argument("--preset", help="encoder preset (x264 default: medium)")
+    p.add_argument("--pix-fmt", dest="pix_fmt", help="output pixel format (default: follows the source)")
+    p.add_argument("-e", dest="encoder_option", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="extra encoder option, repeatable")  # fmt: skip
+    p.add_argument("--ext", help="output container for every file, e.g. .mkv (default: the input's)")
+    p.add_argument("--no-audio", action="store_true", help="drop audio streams")
+    p.add_argument("--no-subtitles", action="store_true", help="drop subtitle streams")
+    p.add_argument("--overwrite", action="store_true", help="redo files whose output exists (default: skip them)")
+    p.add_argument("--quiet", action="store_true", help="only the summary")
+    add_ray_options(p, segments=False)
+    p.set_defaults(func=cmd_batch)
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from ..cli import _requested_size
+    from ..video.transcode import TranscodeOptions
+
+    return TranscodeOptions(
+        codec=args.codec,
+        crf=args.crf,
+        preset=args.preset,
+        pix_fmt=args.pix_fmt,
+        encoder_options=dict(args.encoder_option or []),
+        audio=not args.no_audio,
+        subtitles=not args.no_subtitles,
+        overwrite=args.overwrite,
+        size=_requested_size(args),
+    )
+
+
+def _model_spec(args: argparse.Namespace) -> Any:
+    """Check the weights here (on the CPU: the head of a cluster may have no GPU), then describe them for tasks."""
+    from ..cli import _load_upscaler
+    from .segments import ModelSpec
+
+    up = _load_upscaler(argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": "float32"}))
+    if not up.pretrained:
+        print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
+    weights = str(Path(args.weights).resolve()) if args.weights else None
+    device = args.device
+    return ModelSpec(weights, up.scale, device, args.dtype, args.tile, args.overlap), up
+
+
+def _ray_device(args: argparse.Namespace) -> str:
+    from ..cli import UserError
+
+    if args.dtype == "float16" and not (args.device.startswith("cuda") or args.device == "auto"):
+        raise UserError("--dtype float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
+    return args.device
+
+
+class _SegmentProgress:
+    """A line per finished segment (where it ran, how long) and the usual frame/fps/ETA line."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from ..cli import _ProgressLine
+
+        self.args = args
+        self.bar = _ProgressLine(args.quiet)
+        self.frames = self.segments = self.total = 0
+        self.t0 = 0.0
+        self.info: Any = None
+
+    def plan(self, info: Any, segments: list[Any], reused: list[dict[str, Any]]) -> None:
+        from .segments import work_dir
+
+        self.info, self.total, self.segments = info, len(segments), len(reused)
+        self.frames = sum(int(m["frames"]) for m in reused)
+        self.t0 = time.perf_counter()
+        if not self.args.quiet:
+            print(info.describe(), file=sys.stderr)
+            again = f", {len(reused)} already done in {work_dir(Path(self.args.output))}" if reused else ""
+            print(f"-> {self.args.output}: {len(segments)} segments of >= {self.args.segment:g} s{again}",
+                  file=sys.stderr)  # fmt: skip
+
+    def done(self, seg: Any, marker: dict[str, Any]) -> None:
+        self.segments += 1
+        self.frames += int(marker["frames"])
+        if not self.args.quiet:
+            print(f"segment {seg.index + 1}/{self.total}: {marker['frames']} frames in {marker['seconds']:.1f} s "
+                  f"on {marker['host']} ({self.segments}/{self.total} done)", file=sys.stderr)  # fmt: skip
+        self.bar(self.frames, self.info, time.perf_counter() - self.t0)
+
+
+def transcode_on_ray(args: argparse.Namespace, opts: Any) -> int:
+    """`transcode --ray`: segments as Ray tasks, joined here; a re-run resumes from the finished segments."""
+    import signal
+
+    from ..cli import UserError
+    from ..video.probe import VideoError
+    from .segments import run_segmented, work_dir
+
+    if opts.start or opts.duration or opts.resume:
+        raise UserError("--start/--duration/--resume do not combine with --ray (a re-run resumes by itself)")
+    if str(args.input) == "-" or "://" in str(args.input):
+        raise UserError(f"--ray splits files at keyframes; {args.input} is a live input, use it without --ray")
+    device = _ray_device(args)
+    spec, _ = _model_spec(args)
+    progress = _SegmentProgress(args)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    from .ray_runner import RayRunner, connect  # the only import of Ray, on this path alone
+
+    try:
+        with connect(args.ray or None, args.workers):
+            runner = RayRunner(device=device, retries=args.retries, in_flight=args.workers)
+            result = run_segmented(args.input, args.output, spec, opts, runner=runner, segment_seconds=args.segment,
+                                   on_plan=progress.plan, on_done=progress.done)  # fmt: skip
+    except VideoError as exc:
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        print(f"esc-video: stopped; finished segments are kept in {work_dir(Path(args.output))}, "
+              "run the same command again to resume", file=sys.stderr)  # fmt: skip
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        progress.bar.finish()
+    for span in result.bad_spans:
+        print(f"warning: {args.input}: {span}", file=sys.stderr)
+    reused = f", {result.reused} segments reused" if result.reused else ""
+    print(f"{args.output}: {result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps), "
+          f"{result.segments} segments{reused}, {result.output_bytes / 1e6:.2f} MB")  # fmt: skip
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from ..cli import UserError, _load_upscaler, _ProgressLine
+    from .batch import BatchReport, FileResult, file_task, plan, run_local
+
+    in_dir, out_dir = Path(args.input), Path(args.output)
+    if not in_dir.is_dir():
+        raise UserError(f"{in_dir}: not a folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder")
+    if args.ext:
+        from ..video.transcode import CONTAINERS
+
+        ext = args.ext if args.ext.startswith(".") else "." + args.ext
+        if ext.lower() not in CONTAINERS:
+            raise UserError(f"--ext {args.ext}: unknown container; use one of: {' '.join(sorted(CONTAINERS))}")
+    opts = _options(args)
+    todo, skipped = plan(in_dir, out_dir, args.ext, args.overwrite)
+    report = BatchReport(len(todo) + len(skipped), sys.stderr, args.quiet)
+    for r in skipped:
+        report(r)
+    # outputs that exist were skipped above, so what is left may replace a stale OUT.partial of a killed batch
+    opts = replace(opts, overwrite=True)
+    if todo and args.ray is None:
+        up = _load_upscaler(args)
+        if not up.pretrained:
+            print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
+        bar = _ProgressLine(args.quiet)
+        try:
+            run_local(todo, up, opts, report, progress=bar)
+        finally:
+            bar.finish()
+    elif todo:
+        _ray_device(args)
+        spec, _ = _model_spec(args)
+        from .ray_runner import connect, run_files, task_device
+
+        with connect(args.ray or None, args.workers):
+            device, gpus = task_device(args.device)
+            spec = replace(spec, device=device)
+            items = [((src, dst), (str(src), str(dst), spec, opts)) for src, dst in todo]
+
+            def on_result(key: tuple[Path, Path], r: dict[str, Any]) -> None:
+                report(FileResult(key[0], key[1], r["ok"], r["frames"], r["seconds"], r["message"]))
+
+            for _, dst in todo:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+            failures = run_files(file_task, items, on_result, retries=args.retries, gpus_per_task=gpus,
+                                 in_flight=args.workers)  # fmt: skip
+            for (src, dst), why in failures:
+                report(FileResult(src, dst, False, message=why))
+    return report.summary(sys.stdout)
