@@ -146,8 +146,11 @@ def _describe_lte(sd: dict[str, torch.Tensor]) -> ModelDescriptor:
     n_layers = _count(sd, r"imnet\.layers\.(\d+)\.weight")
     config["hidden_dim"] = sd["coef.weight"].shape[0]
     config["mlp_hidden"] = tuple(sd[f"imnet.layers.{2 * i}.weight"].shape[0] for i in range(n_layers - 1))
-    ref = {"proj_ratio": 2.0, "use_ln": False, **VARIANTS["esc_lte"].config}
-    variant = "esc_lte" if all(config.get(k) == v for k, v in ref.items()) else "esc_lte_custom"
+    variant = "esc_lte_custom"
+    for spec in VARIANTS.values():
+        ref = {"proj_ratio": 2.0, "use_ln": False, **spec.config}
+        if spec.arch == "ESCLTE" and all(config.get(k) == v for k, v in ref.items()):
+            variant = spec.name
     return ModelDescriptor("ESCLTE", config, 2, variant)
 
 

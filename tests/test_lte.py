@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from esc_stream.models import create_model
 from esc_stream.models.lte import ESCLTE, make_coord
 from esc_stream.reparam import prepare_for_inference
 from esc_stream.upscaler import load
+from training.arbitrary import ArbitraryConfig, ArbitraryTrainer, QuerySampler
+from training.train import main as train_main
 
 from .conftest import DATA
 
@@ -212,3 +215,87 @@ def test_cli_fractional_scale_needs_arbitrary_model(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "arbitrary-scale" in res.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def _train_images() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.rand(3, 72 + 4 * i, 76, generator=g) * 255).to(torch.uint8) for i in range(2)]
+
+
+def _arb_cfg(tmp_path, **kw) -> ArbitraryConfig:
+    base = dict(variant="esc_lte_small", lr_patch=16, batch=2, sample_q=64, iters=3, warmup=1, milestones=[10],
+                ema=0.9, out=str(tmp_path), seed=1)  # fmt: skip
+    return ArbitraryConfig(**{**base, **kw})
+
+
+def _bilinear_error(lr: torch.Tensor, coord: torch.Tensor, rgb: torch.Tensor) -> float:
+    seen = torch.nn.functional.grid_sample(lr, coord.flip(-1).unsqueeze(1), padding_mode="border", align_corners=False)
+    return float((seen[:, :, 0].permute(0, 2, 1) - rgb).abs().mean())
+
+
+def test_query_sampler_draws_one_scale_per_batch():
+    sampler = QuerySampler(_train_images(), lr_patch=16, batch=3, scale_min=1.0, scale_max=4.0, sample_q=100)
+    cells = set()
+    for _ in range(4):
+        lr, coord, cell, rgb = sampler.sample()
+        assert lr.shape == (3, 3, 16, 16) and coord.shape == cell.shape == (3, 100, 2) and rgb.shape == (3, 100, 3)
+        assert coord.abs().max() < 1 and 0 <= rgb.min() and rgb.max() <= 1
+        assert torch.unique(cell).numel() == 1  # one scale for the whole batch
+        hp = round(2 / float(cell[0, 0, 0]))
+        assert 16 <= hp <= 64
+        cells.add(hp)
+    assert len(cells) > 1  # and a new one for each batch
+    # on a smooth image, each target is what the LR shows at its coordinate (bilinear), and not what it
+    # shows at the transposed coordinate: targets, coordinates and LR belong together, augmentations included
+    yy, xx = torch.meshgrid(torch.arange(80.0), torch.arange(84.0), indexing="ij")
+    smooth = torch.stack([127 + 100 * torch.sin(yy / 13 + c) * torch.cos(xx / 17 - c) for c in range(3)])
+    sampler = QuerySampler([smooth.round().to(torch.uint8)], 16, 8, 1.0, 4.0, sample_q=200)
+    for _ in range(3):
+        lr, coord, cell, rgb = sampler.sample()
+        right, wrong = _bilinear_error(lr, coord, rgb), _bilinear_error(lr, coord.flip(-1), rgb)
+        assert right < 0.02 and wrong > 3 * right
+
+
+def test_arbitrary_training_runs_and_resumes(tmp_path):
+    trainer = ArbitraryTrainer(_arb_cfg(tmp_path), _train_images())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    losses = [trainer.step() for _ in range(3)]
+    assert all(np.isfinite(losses))
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("encoder.") for k in changed) and any(k.startswith("imnet.") for k in changed)
+    # save after 2 steps, resume in a fresh trainer: the third step is the same
+    first = ArbitraryTrainer(_arb_cfg(tmp_path), _train_images())
+    first.step(), first.step()
+    first.save(tmp_path / "half.pth")
+    resumed = ArbitraryTrainer(_arb_cfg(tmp_path, seed=5), _train_images())
+    resumed.resume(tmp_path / "half.pth")
+    assert resumed.step() == losses[2]
+    model, desc = load_model(tmp_path / "half.pth")
+    assert desc.variant == "esc_lte_small" and isinstance(model, ESCLTE)
+
+
+def test_esc_train_runs_an_arbitrary_scale_config(tmp_path):
+    """`esc-train --config` hands an esc_lte* run file to training/arbitrary.py; log.csv has PSNR per scale."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, im in enumerate(_train_images()):
+        Image.fromarray(np.asarray(im.permute(1, 2, 0))).save(data / f"{i}.png")
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        '[model]\nvariant = "esc_lte_small"\n[data]\ntrain_dir = "data"\nval_dir = "data"\nlr_patch = 16\n'
+        "batch = 2\nsample_q = 64\nval_limit = 1\nval_crop = 48\nval_scales = [1.5, 3.0]\n"
+        '[train]\niters = 2\nwarmup = 1\nval_every = 2\nsave_every = 2\nout = "run"\n'
+    )
+    assert train_main(["--config", str(toml)]) == 0
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert rows[0].split(",")[3:7] == ["psnr_x1.5", "bicubic_x1.5", "psnr_x3", "bicubic_x3"]
+    assert len(rows) == 2 and all(np.isfinite(float(v)) for v in rows[1].split(",")[1:])
+    assert (tmp_path / "run" / "best_ema.safetensors").is_file()
+    _, desc = load_model(tmp_path / "run" / "last.pth")
+    assert desc.variant == "esc_lte_small"
+
+
+def test_shipped_lte_config_reads():
+    cfg = ArbitraryConfig.from_toml(Path(__file__).parents[1] / "training" / "configs" / "lte_small.toml")
+    assert cfg.variant == "esc_lte_small" and (cfg.scale_min, cfg.scale_max) == (1.0, 4.0)
+    assert cfg.val_scales == (1.5, 2.0, 3.0, 4.0)

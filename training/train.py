@@ -385,6 +385,19 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, device: torch.device, log
     return out
 
 
+def _is_arbitrary_scale(path: str) -> bool:
+    """True for a run file of the arbitrary-scale model (variant esc_lte...); unreadable files say False and
+    are reported by the normal reader."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    model = raw.get("model")
+    variant = model.get("variant", "") if isinstance(model, dict) else raw.get("variant", "")
+    return str(variant).startswith("esc_lte")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -394,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="override CPU threads")
     ap.add_argument("--device", help="override the device: cpu, cuda (under torchrun: one GPU per rank)")
     args = ap.parse_args(argv)
+    if _is_arbitrary_scale(args.config):  # ESC+LTE: random scales per batch, in training/arbitrary.py
+        from .arbitrary import main as arbitrary_main
+
+        return arbitrary_main(argv)
     try:
         cfg = TrainConfig.from_toml(args.config)
     except (OSError, ValueError, TypeError, tomllib.TOMLDecodeError) as exc:

@@ -46,6 +46,22 @@ VARIANTS: dict[str, VariantSpec] = {
         "ESC",
         {**_ESC, "dim": 48, "pdim": 12, "n_blocks": 2, "conv_blocks": 4, "window_size": 16, "num_heads": 3},
     ),
+    # esc_small's body as the encoder of a narrower LTE decoder: for CPU training of the arbitrary-scale model
+    "esc_lte_small": VariantSpec(
+        "esc_lte_small",
+        "ESCLTE",
+        {
+            **_ESC,
+            "dim": 48,
+            "pdim": 12,
+            "n_blocks": 2,
+            "conv_blocks": 4,
+            "window_size": 16,
+            "num_heads": 3,
+            "hidden_dim": 64,
+            "mlp_hidden": (64, 64),
+        },
+    ),
 }
 
 

@@ -1,0 +1,97 @@
+"""PSNR and time per frame of non-integer upscaling (default x1.5) on Kodak24.
+
+    python benchmarks/any_scale.py [--data ../shared/data/kodak24] [--scale 1.5] [--weights LTE.pth]
+                                   [--limit N] [--threads 1]
+
+Each HR image is cropped (top-left) so that its sides divided by the scale are whole numbers; the LR input is
+its MATLAB-bicubic downscale (esc_stream.resize.imresize), quantised to 8 bits. Printed per method: mean PSNR
+on Y with ceil(scale) pixels of border cropped (esc_stream.metrics.psnr_y), and the mean seconds per frame:
+
+- bicubic:             MATLAB-bicubic upscale of the LR to the HR size;
+- default x2 -> resize: the embedded default x2 model, then an antialiased bicubic resample to the HR size
+                        (what `esc-video image --size` does with a fixed-scale model: `Upscaler.upscale_to`);
+- --weights:            an arbitrary-scale (ESC+LTE) checkpoint decoding the HR grid directly, when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import esc_stream  # noqa: E402
+from esc_stream.metrics import psnr_y  # noqa: E402
+from esc_stream.resize import imresize  # noqa: E402
+
+
+def crop_to_scale(hr: torch.Tensor, scale: float) -> torch.Tensor:
+    """Largest top-left crop whose sides divided by `scale` are whole numbers."""
+    num, den = float(scale).as_integer_ratio()
+    step = num // math.gcd(num, den)
+    h, w = hr.shape[-2] - hr.shape[-2] % step, hr.shape[-1] - hr.shape[-1] % step
+    return hr[..., :h, :w]
+
+
+def load_hr(path: Path) -> torch.Tensor:
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "kodak24")
+    ap.add_argument("--scale", type=float, default=1.5)
+    ap.add_argument("--weights", type=Path, help="an arbitrary-scale (ESC+LTE) checkpoint to compare as well")
+    ap.add_argument("--limit", type=int, help="first N images only")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    files = sorted(p for p in args.data.iterdir() if p.suffix.lower() in {".png", ".bmp", ".jpg"})[: args.limit]
+    if not files:
+        print(f"{args.data}: no images")
+        return 2
+    s = args.scale
+    border = math.ceil(s)
+    methods: dict[str, esc_stream.Upscaler | None] = {"bicubic": None, "default x2 -> resize": esc_stream.load()}
+    if args.weights:
+        methods[f"{args.weights.name} (direct)"] = esc_stream.load(args.weights)
+    psnr = {k: [] for k in methods}
+    secs: dict[str, list[float]] = {k: [] for k in methods}
+    for path in files:
+        hr = crop_to_scale(load_hr(path), s)
+        size = (hr.shape[-2], hr.shape[-1])
+        lr_size = (round(size[0] / s), round(size[1] / s))
+        lr = ((imresize(hr, size=lr_size).clamp(0, 1) * 255).round() / 255).float()
+        for name, up in methods.items():
+            t0 = time.perf_counter()
+            if up is None:
+                sr = imresize(lr.double(), size=size).float()
+            else:
+                sr = up.upscale_to(lr, (size[1], size[0]))
+                assert isinstance(sr, torch.Tensor)
+            secs[name].append(time.perf_counter() - t0)
+            psnr[name].append(psnr_y(sr.double(), hr, border))
+    h, w = load_hr(files[0]).shape[-2:]
+    print(f"{len(files)} images from {args.data} ({w}x{h} first), x{s:g}: LR {lr_size[1]}x{lr_size[0]} -> "
+          f"{size[1]}x{size[0]} (last image), PSNR on Y with {border} px border, {args.threads} thread(s), "
+          f"torch {torch.__version__}")  # fmt: skip
+    base = float(np.mean(psnr["bicubic"]))
+    for name in methods:
+        p = float(np.mean(psnr[name]))
+        t = float(np.mean(secs[name][1:] or secs[name]))  # the first call also warms up
+        print(f"  {name:28s} PSNR {p:6.3f} dB ({p - base:+.3f} vs bicubic)   {t:7.3f} s/frame")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
