@@ -132,6 +132,15 @@ def test_render_tiles_and_chunks_match_whole_frame(scale):
     assert whole[:, :, 1:].sub(whole[:, :, :-1]).abs().mean() > 1e-3
 
 
+def test_render_in_bfloat16_close_to_float32():
+    model = _local_lte()
+    x = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model.render(x, (60, 72))
+        half = copy.deepcopy(model).to(torch.bfloat16).render(x.bfloat16(), (60, 72))
+    assert half.dtype == torch.bfloat16 and (half.float() - ref).abs().mean() < 0.01
+
+
 def _official_layout(path, model: ESCLTE):
     """A file as the official esc_arb training writes it (LIIF layout: model spec with args and `sd`)."""
     spec = {

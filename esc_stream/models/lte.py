@@ -170,11 +170,11 @@ class ESCLTE(nn.Module):
                 flat = (iy * w + ix).unsqueeze(-1).expand(-1, -1, c)
                 q_coef = feats.coef.view(b, h * w, c).gather(1, flat)
                 q_freq = feats.freq.view(b, h * w, c).gather(1, flat)
-                dtype = q_freq.dtype
-                # frequencies come in (y, x) pairs: dot each pair with the offset
-                arg = (q_freq.view(b, -1, c // 2, 2) * rel.to(dtype).unsqueeze(-2)).sum(-1) + phase
+                # frequencies come in (y, x) pairs: dot each pair with the offset (in float32: the argument of a
+                # cosine needs more precision than half types keep)
+                arg = (q_freq.float().view(b, -1, c // 2, 2) * rel.unsqueeze(-2)).sum(-1) + phase.float()
                 basis = torch.cat([torch.cos(math.pi * arg), torch.sin(math.pi * arg)], dim=-1)
-                preds.append(self.imnet(q_coef * basis))
+                preds.append(self.imnet(q_coef * basis.to(q_coef.dtype)))
                 areas.append((rel[..., 0] * rel[..., 1]).abs() + 1e-9)
         total = torch.stack(areas).sum(0)
         out = torch.zeros_like(preds[0], dtype=torch.float32)
