@@ -34,7 +34,13 @@ class ModelDescriptor:
     variant: str = "esc"
 
     def build(self) -> nn.Module:
-        return ARCHS[self.arch](**self.config, upscaling_factor=self.scale)
+        config = {k: v for k, v in self.config.items() if k != "flashbias_rank"}
+        model = ARCHS[self.arch](**config, upscaling_factor=self.scale)
+        if "flashbias_rank" in self.config:  # official FlashBias checkpoint: factors in place of the bias table
+            from .cuda.attention import use_factored_bias
+
+            use_factored_bias(model, int(self.config["flashbias_rank"]))
+        return model
 
 
 def _unwrap(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -109,9 +115,15 @@ def describe_state_dict(sd: dict[str, torch.Tensor]) -> ModelDescriptor:
     dim = sd["proj.weight"].shape[0]
     n_blocks = _count(sd, r"blocks\.(\d+)\.")
     conv_blocks = _count(sd, r"blocks\.0\.pconvs\.(\d+)\.")
-    table = sd["blocks.0.attn.relative_position_bias"]
-    num_heads = table.shape[0]
-    window = (math.isqrt(table.shape[1]) + 1) // 2
+    from .cuda.attention import flashbias_layout  # torch only, no cupy
+
+    flashbias = flashbias_layout(sd)
+    if flashbias is not None:
+        num_heads, window, _ = flashbias
+    else:
+        table = sd["blocks.0.attn.relative_position_bias"]
+        num_heads = table.shape[0]
+        window = (math.isqrt(table.shape[1]) + 1) // 2
     exp_ratio = sd["blocks.0.convffns.0.proj.weight"].shape[0] / dim
     proj_ratio = sd["blocks.0.proj.proj.weight"].shape[0] / dim
     config: dict[str, Any] = dict(
@@ -134,6 +146,8 @@ def describe_state_dict(sd: dict[str, torch.Tensor]) -> ModelDescriptor:
             raise ValueError(f"to_img has {out_ch} output channels, not 3*scale²")
     if arch == "ESC":
         config["use_ln"] = "blocks.0.lns.0.weight" in sd
+    if flashbias is not None:
+        config["flashbias_rank"] = flashbias[2]
     return ModelDescriptor(arch, config, scale, _variant_name(arch, config))
 
 
