@@ -59,11 +59,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=_positive, help="output height (width follows the display aspect)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="network precision (float16 needs CUDA; default float32)")  # fmt: skip
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="inference engine on the CPU (default torch; see README 'CPU speed and ONNX')")  # fmt: skip
 
 
 def _load_upscaler(args: argparse.Namespace):
     import torch
 
+    from .backends import BackendError
     from .checkpoints import CheckpointError
     from .upscaler import load
 
@@ -79,8 +82,9 @@ def _load_upscaler(args: argparse.Namespace):
         if dtype == torch.float16 and not args.device.startswith("cuda"):
             raise UserError("--dtype float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
         scale = args.scale if fixed else 2
-        up = load(args.weights, scale=scale, device=args.device, dtype=dtype, tile=args.tile, overlap=args.overlap)
-    except CheckpointError as exc:
+        up = load(args.weights, scale=scale, device=args.device, dtype=dtype, tile=args.tile, overlap=args.overlap,
+                  backend=getattr(args, "backend", "torch"))  # fmt: skip
+    except (CheckpointError, BackendError) as exc:
         raise UserError(str(exc)) from None
     except (RuntimeError, ValueError) as exc:
         raise UserError(f"--device {args.device}: {exc}") from None
@@ -365,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="show what transcode would do with a file")
     p.add_argument("input")
     p.set_defaults(func=cmd_probe)
+
+    from .onnx_export import add_export_parser
+
+    add_export_parser(sub)
 
     p = sub.add_parser("info", help="describe a checkpoint: variant, scale, hyper-parameters")
     p.add_argument("weights", type=Path)

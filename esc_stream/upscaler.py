@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .backends import build_network
 from .checkpoints import CheckpointError, ModelDescriptor, load_model
 from .reparam import prepare_for_inference
 from .tiling import upscale_tensor
@@ -47,6 +48,7 @@ class Upscaler:
         overlap: int = 64,
         pretrained: bool = True,
         source: str = "",
+        backend: str = "torch",
     ) -> None:
         self.descriptor = descriptor
         self.device = torch.device(device)
@@ -60,6 +62,9 @@ class Upscaler:
         self.channels_last = self.device.type == "cpu"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # torch on CPU: the fast path of esc_stream.fast (benchmarks/cpu_speed.py); see esc_stream.backends
+        self.backend = backend
+        self.network = build_network(self.model, backend, self.device, dtype)
 
     @property
     def scale(self) -> int:
@@ -95,7 +100,7 @@ class Upscaler:
         if self.arbitrary:
             out_size = size or (x.shape[-2] * self.scale, x.shape[-1] * self.scale)
             return self.model.render(x, out_size, self.tile, self.overlap)  # type: ignore[operator]
-        y = upscale_tensor(self.model, x, self.scale, self.window_size, self.tile, self.overlap)
+        y = upscale_tensor(self.network, x, self.scale, self.window_size, self.tile, self.overlap)
         if size is not None and tuple(y.shape[-2:]) != tuple(size):
             from .resize import imresize
 
@@ -172,11 +177,13 @@ def load(
     tile: int | None = None,
     overlap: int = 64,
     allow_random: bool = True,
+    backend: str = "torch",
 ) -> Upscaler:
     """Build an Upscaler from a checkpoint, or from the embedded default model for `scale`.
 
     Until a default model for `scale` ships, `weights=None` gives esc_small with random weights
     (`Upscaler.pretrained` is False) unless `allow_random=False`, which raises CheckpointError.
+    `backend` is one of `esc_stream.backends.BACKENDS` (default torch).
     """
     if tile is not None and tile < 1:
         raise ValueError(f"tile must be a positive number of pixels, got {tile}")
@@ -200,5 +207,13 @@ def load(
         if getattr(model, "arbitrary_scale", False):  # any scale: `scale` is the one plain calls use
             desc = replace(desc, scale=scale)
     return Upscaler(
-        model, desc, device=device, dtype=dtype, tile=tile, overlap=overlap, pretrained=pretrained, source=source
+        model,
+        desc,
+        device=device,
+        dtype=dtype,
+        tile=tile,
+        overlap=overlap,
+        pretrained=pretrained,
+        source=source,
+        backend=backend,
     )
