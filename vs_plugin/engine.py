@@ -81,8 +81,12 @@ class Engine:
         self.width, self.height = width, height
         self.dtype = np.dtype(np.float16 if half else np.float32)
         self._torch_out = torch.float16 if half else torch.float32
-        cuda = up.device.type == "cuda"
-        contexts = [torch.cuda.Stream(up.device) for _ in range(streams)] if cuda else [None]
+        contexts: list[Any] = [None]
+        if up.device.type == "cuda":  # per worker: its own upload/compute/download streams and pinned buffers
+            from esc_stream.cuda.scheduler import StreamPipeline, TorchCudaDevice
+
+            device = TorchCudaDevice(up.device)
+            contexts = [StreamPipeline(device, self._on_device, depth=1) for _ in range(streams)]
         self.batcher = Batcher(self._infer, batch, contexts)
 
     def _view(self, plane: Plane, width: int, height: int) -> np.ndarray:
@@ -97,15 +101,15 @@ class Engine:
         for plane, values in zip(dst, y, strict=True):
             self._view(plane, self.width * s, self.height * s)[...] = values
 
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up.upscale_tensor(x).clamp_(0, 1).to(self._torch_out)
+
     @torch.inference_mode()
-    def _infer(self, batch: np.ndarray, stream: torch.cuda.Stream | None) -> np.ndarray:
-        x = torch.from_numpy(batch)
-        if stream is None:
-            return self.up.upscale_tensor(x).clamp_(0, 1).to(self._torch_out).numpy()
-        with torch.cuda.stream(stream):
-            x = x.pin_memory().to(self.up.device, non_blocking=True)
-            y = self.up.upscale_tensor(x).clamp_(0, 1).to(self._torch_out)
-            return y.cpu().numpy()  # .cpu() waits for this stream only
+    def _infer(self, batch: np.ndarray, pipeline: Any) -> np.ndarray:
+        if pipeline is None:
+            return self._on_device(torch.from_numpy(batch)).numpy()
+        # pooled pinned buffers, copies on their own streams; waits for this worker's frames only
+        return pipeline.run(batch)
 
     def close(self) -> None:
         self.batcher.close()

@@ -288,3 +288,25 @@ def use_factored_bias(model: nn.Module, rank: int) -> nn.Module:
             m.flashbias_q = nn.Parameter(torch.zeros(m.num_heads, n, rank))
             m.flashbias_k = nn.Parameter(torch.zeros(m.num_heads, n, rank))
     return model
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """`python -m esc_stream.cuda [WEIGHTS] [--tol T]`: FlashBias rank and bias error per block."""
+    import argparse
+
+    from ..upscaler import load
+
+    parser = argparse.ArgumentParser(description=_main.__doc__)
+    parser.add_argument("weights", nargs="?", help="checkpoint (default: the embedded default model)")
+    parser.add_argument("--tol", type=float, default=DEFAULT_TOLERANCE)
+    args = parser.parse_args(argv)
+    up = load(args.weights, device="cpu", backend="torch-eager")
+    print(f"{up.variant} x{up.scale} ({up.source}), tolerance {args.tol:g}")
+    for name, m in up.model.named_modules():
+        if isinstance(m, WindowAttention):
+            n, hd = m.window_size**2, m.dim // m.num_heads
+            f = factors_of(m, tol=args.tol)
+            print(
+                f"{name}: N={n}, head dim {hd}, rank {f.rank} (limit {rank_limit(hd)}), max |bias error| {f.error:.2e}"
+            )
+    return 0
