@@ -165,6 +165,18 @@ def test_mp4_with_b_frames_keeps_pts_and_increasing_dts(tmp_path, shared_data):
     assert packets(dst, "audio") == packets(src, "audio")
 
 
+def test_video_only_source_and_tiny_segments(tmp_path, shared_data):
+    frames = demo_frames(6)
+    src = make_clip(tmp_path / "in.nut", frames, fmt="nut", x264={"crf": "10", "preset": "ultrafast", "g": "2"})
+    dst = tmp_path / "out.nut"
+    result = run_segmented(src, dst, ModelSpec(), LOSSLESS, runner=local_runner, segment_seconds=0.01)
+    assert result.segments == 3 and result.frames == 6
+    straight = tmp_path / "straight.nut"
+    transcode(src, straight, esc_stream.load(), LOSSLESS)
+    assert video_pts_ms(dst) == video_pts_ms(straight) == video_pts_ms(src)
+    assert all(np.array_equal(a, b) for a, b in zip(_decode(dst), _decode(straight), strict=True))
+
+
 def test_cli_transcode_ray_equals_straight_and_bad_options_get_one_line(tmp_path, clip, ray_runtime, capsys):
     src, straight = clip
     dst = tmp_path / "cli.mkv"

@@ -153,11 +153,13 @@ def transcode_on_ray(args: argparse.Namespace, opts: Any) -> int:
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, on_term)
-    from .ray_runner import RayRunner, connect  # the only import of Ray, on this path alone
+    from .ray_runner import RayRunner, connect, gpu_hint  # the only import of Ray, on this path alone
 
     try:
         with connect(args.ray or None, args.workers):
             runner = RayRunner(device=device, retries=args.retries, in_flight=args.workers)
+            if (hint := gpu_hint(device)) and not args.quiet:
+                print(hint, file=sys.stderr)
             result = run_segmented(args.input, args.output, spec, opts, runner=runner, segment_seconds=args.segment,
                                    on_plan=progress.plan, on_done=progress.done)  # fmt: skip
     except VideoError as exc:
@@ -211,10 +213,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     elif todo:
         _ray_device(args)
         spec, _ = _model_spec(args)
-        from .ray_runner import connect, run_files, task_device
+        from .ray_runner import connect, gpu_hint, run_files, task_device
 
         with connect(args.ray or None, args.workers):
             device, gpus = task_device(args.device)
+            if (hint := gpu_hint(args.device)) and not args.quiet:
+                print(hint, file=sys.stderr)
             spec = replace(spec, device=device)
             items = [((src, dst), (str(src), str(dst), spec, opts)) for src, dst in todo]
 

@@ -42,6 +42,14 @@ def connect(address: str | None, workers: int | None = None) -> Iterator[None]:
         ray.shutdown()
 
 
+def gpu_hint(device: str) -> str | None:
+    """A note for a CPU run on a cluster that has GPUs (the default device is the CPU)."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus and not device.startswith("cuda") and device != "auto":
+        return f"note: the Ray cluster has {gpus} GPU(s); --device cuda (or auto) would give each task one"
+    return None
+
+
 def task_device(device: str) -> tuple[str, int]:
     """(device inside a task, GPUs each task asks Ray for). `auto`: one GPU per task when the cluster has
     GPUs. Ray hands every GPU task its own card as `cuda` (it sets CUDA_VISIBLE_DEVICES), so `cuda:N` means

@@ -210,7 +210,10 @@ def encode_segment(job: Job, seg: Segment) -> dict[str, Any]:
         ivs = inp.streams.video[0]
         ivs.thread_type = "AUTO"
         if seg.start is not None:
-            inp.seek(seg.start, stream=ivs, backward=True)
+            try:
+                inp.seek(seg.start, stream=ivs, backward=True)
+            except av.error.FFmpegError:  # unseekable: decode from the start; frames are chosen by pts anyway
+                pass
         out = av.open(str(tmp), mode="w", format=SEGMENT_FORMAT)
         try:
             ovs = _open_encoder(out, info, up.scale, job.opts, job.fmt)
@@ -349,6 +352,8 @@ def join_segments(job: Job, segments: list[Segment], markers: dict[int, dict[str
                         yield float(dts * tb), next(order), packet
 
             def others() -> Iterator[tuple[float, int, av.Packet]]:
+                if not copies:  # demux() without streams would read every stream
+                    return
                 last: dict[int, int] = {}
                 for packet in inp.demux(*(inp.streams[i] for i in copies)):
                     if packet.dts is None or packet.pts is None:
