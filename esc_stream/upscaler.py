@@ -12,6 +12,7 @@ from torch import nn
 
 from .backends import build_network
 from .checkpoints import CheckpointError, ModelDescriptor, load_model
+from .cuda.engine import resolve_device
 from .reparam import prepare_for_inference
 from .tiling import upscale_tensor
 
@@ -51,7 +52,7 @@ class Upscaler:
         backend: str = "torch",
     ) -> None:
         self.descriptor = descriptor
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # "auto": CUDA when present; "cuda" without one: a one-line error
         self.dtype = dtype
         self.tile = tile
         self.overlap = overlap
@@ -65,6 +66,11 @@ class Upscaler:
         # torch on CPU: the fast path of esc_stream.fast (benchmarks/cpu_speed.py); see esc_stream.backends
         self.backend = backend
         self.network = build_network(self.model, backend, self.device, dtype)
+        self.cuda_report = None  # on CUDA: fused ConvAttn, FlexAttention/FlashBias, CUDA graphs (esc_stream.cuda)
+        if self.device.type == "cuda" and backend == "torch":
+            from .cuda.engine import accelerate
+
+            self.network, self.cuda_report = accelerate(self.model, self.network, self.device, dtype)
 
     @property
     def scale(self) -> int:

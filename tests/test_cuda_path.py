@@ -550,6 +550,9 @@ def test_device_auto_and_clear_errors():
         with pytest.raises(DeviceError, match="CUDA is not available") as info:
             resolve_device("cuda:1")
         assert "\n" not in str(info.value)
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            __import__("esc_stream").load(None, device="cuda")
+    assert __import__("esc_stream").load(None, device="auto").device.type == ("cuda" if CUDA else "cpu")
 
 
 @pytest.mark.skipif(CUDA, reason="checks the message given without CUDA")
