@@ -74,6 +74,9 @@ def _load_upscaler(args: argparse.Namespace):
         raise UserError(f"--device {args.device}: CUDA is not available on this machine")
     # a scale other than 2/3/4 needs an arbitrary-scale checkpoint, which then runs at 2 unless told a size
     fixed = args.scale in (2, 3, 4)
+    command = getattr(args, "command", "image")
+    if args.scale and not fixed and command != "image":
+        raise UserError(f"--scale {args.scale}: {command} takes 2, 3 or 4; for other sizes use --size/--width/--height")
     if args.scale and not fixed and args.weights is None:
         raise UserError(f"--scale {args.scale}: ESC models are x2, x3 or x4; other scales need --weights with an "
                         "arbitrary-scale (ESC+LTE) checkpoint")  # fmt: skip
@@ -88,6 +91,9 @@ def _load_upscaler(args: argparse.Namespace):
         raise UserError(str(exc)) from None
     except (RuntimeError, ValueError) as exc:
         raise UserError(f"--device {args.device}: {exc}") from None
+    if args.scale and not fixed and not up.arbitrary:
+        raise UserError(f"--scale {args.scale}: {args.weights} is a x{up.scale} ESC model; other scales need an "
+                        "arbitrary-scale (ESC+LTE) checkpoint, or --size/--width/--height")  # fmt: skip
     if args.weights is not None and args.scale and args.scale != up.scale and not up.arbitrary:
         raise UserError(f"--scale {args.scale} does not match {args.weights}, which is a x{up.scale} model")
     return up
@@ -181,7 +187,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         raise UserError(str(exc)) from None
     n = sum(p.numel() for p in model.parameters())
-    print(f"{args.weights}: {desc.variant} ({desc.arch}) x{desc.scale}, {n:,} parameters")
+    kind = "any scale" if desc.arch == "ESCLTE" else f"x{desc.scale}"
+    print(f"{args.weights}: {desc.variant} ({desc.arch}) {kind}, {n:,} parameters")
     for k, v in desc.config.items():
         print(f"  {k} = {v}")
     return 0

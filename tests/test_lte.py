@@ -226,6 +226,21 @@ def test_cli_fractional_scale_needs_arbitrary_model(tmp_path):
     assert not (tmp_path / "o.png").exists()
 
 
+def test_cli_fractional_scale_refused_where_it_cannot_be_honoured(tmp_path, lte_file, capsys):
+    src = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
+    torch.manual_seed(0)
+    fixed = save_checkpoint(tmp_path / "small_x2.pth", create_model("esc_small", 2))
+    assert main(["image", str(src), str(tmp_path / "o.png"), "--weights", str(fixed), "--scale", "2.5"]) == 2
+    assert "is a x2 ESC model" in capsys.readouterr().err
+    video = Path(__file__).parents[1] / "examples" / "realvideo_demo000.mp4"
+    assert main(["transcode", str(video), str(tmp_path / "o.mkv"), "--weights", str(lte_file), "--scale", "1.5"]) == 2
+    assert "transcode takes 2, 3 or 4" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "o.mkv").exists()
+    assert main(["info", str(lte_file)]) == 0
+    assert "esc_lte (ESCLTE) any scale, 1,433,631 parameters" in capsys.readouterr().out
+
+
 def _train_images() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return [(torch.rand(3, 72 + 4 * i, 76, generator=g) * 255).to(torch.uint8) for i in range(2)]

@@ -88,11 +88,11 @@ class MLP(nn.Module):
 
 
 class LTEFeatures(NamedTuple):
-    """What the decoder reads: the normalised input, and amplitude/frequency maps (B, h, w, C) channels-last."""
+    """What the decoder reads: the normalised input, and the amplitude and frequency maps side by side,
+    channels-last (B, h, w, 2C), so that one gather per neighbour reads both."""
 
     inp: torch.Tensor
-    coef: torch.Tensor
-    freq: torch.Tensor
+    maps: torch.Tensor
 
 
 def make_coord(n: int, device: torch.device | None = None) -> torch.Tensor:
@@ -144,13 +144,13 @@ class ESCLTE(nn.Module):
     def encode(self, inp: torch.Tensor) -> LTEFeatures:
         """Run the encoder once; the maps are kept channels-last so that gathering per query is one index."""
         feat = self.encoder(inp)
-        coef = self.coef(feat).permute(0, 2, 3, 1).contiguous()
-        freq = self.freq(feat).permute(0, 2, 3, 1).contiguous()
-        return LTEFeatures(inp, coef, freq)
+        maps = torch.cat([self.coef(feat), self.freq(feat)], dim=1).permute(0, 2, 3, 1).contiguous()
+        return LTEFeatures(inp, maps)
 
     def query(self, feats: LTEFeatures, coord: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """RGB (B, Q, 3), in the input's [-1, 1] units, at `coord` (B, Q, 2) for output cells of size `cell`."""
-        b, h, w, c = feats.coef.shape
+        b, h, w, c2 = feats.maps.shape
+        c = c2 // 2
         coord = coord.float()
         size = coord.new_tensor([h, w])
         rel_cell = cell.float() * size
@@ -167,9 +167,8 @@ class ESCLTE(nn.Module):
                 ix = idx[..., 1].clamp(0, w - 1)
                 centre = torch.stack([-1 + (2 * iy + 1) / h, -1 + (2 * ix + 1) / w], dim=-1)
                 rel = (coord - centre) * size  # offset to that pixel, in half-pixels
-                flat = (iy * w + ix).unsqueeze(-1).expand(-1, -1, c)
-                q_coef = feats.coef.view(b, h * w, c).gather(1, flat)
-                q_freq = feats.freq.view(b, h * w, c).gather(1, flat)
+                flat = (iy * w + ix).unsqueeze(-1).expand(-1, -1, c2)
+                q_coef, q_freq = feats.maps.view(b, h * w, c2).gather(1, flat).split(c, dim=-1)
                 # frequencies come in (y, x) pairs: dot each pair with the offset (in float32: the argument of a
                 # cosine needs more precision than half types keep)
                 arg = (q_freq.float().view(b, -1, c // 2, 2) * rel.unsqueeze(-2)).sum(-1) + phase.float()
@@ -213,11 +212,11 @@ class ESCLTE(nn.Module):
         cell = torch.tensor([2 / out_h, 2 / out_w], device=x.device) * self.cell_factor(out_h / h)
         out = torch.empty((n, 3, out_h, out_w), dtype=x.dtype, device=x.device)
         for (y0, y1, cy0, cy1), (x0, x1, cx0, cx1) in _tiles(h, w, tile, context, self.window_size):
-            feats = self.encode(inp[:, :, y0:y1, x0:x1])
             rows = _owned(out_h, h, cy0, cy1)
             cols = _owned(out_w, w, cx0, cx1)
             if rows.numel() == 0 or cols.numel() == 0:
                 continue
+            feats = self.encode(inp[:, :, y0:y1, x0:x1])
             # query coordinates of the whole image, re-expressed in the tile's [-1, 1] frame
             ys = ((rows.double() + 0.5) * (2 * h / out_h) - 2 * y0) / (y1 - y0) - 1
             xs = ((cols.double() + 0.5) * (2 * w / out_w) - 2 * x0) / (x1 - x0) - 1
