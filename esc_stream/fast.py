@@ -35,7 +35,9 @@ from .models.esc_fp import DecomposedConvolutionalAttentionWrapper
 
 # Largest filter spectrum kept per frame size (bytes); tiles are sized to stay under it.
 SPECTRUM_BUDGET = 48 * 2**20
-CACHE_SIZES = 6  # frame sizes whose spectra are kept (tiles at frame borders have their own sizes)
+# Spectra kept for the most recent frame sizes (tiles at frame borders have their own sizes).
+CACHE_SIZES = 32
+CACHE_BYTES = 4 * SPECTRUM_BUDGET
 
 
 def next_fast_even(n: int) -> int:
@@ -114,11 +116,14 @@ class LargeKernelFFT:
         if plan is None:
             plan = self._make_plan(h, w, dtype, device)
             self._plans[key] = plan
-            while len(self._plans) > CACHE_SIZES:
+            while len(self._plans) > 1 and (len(self._plans) > CACHE_SIZES or self._cached_bytes() > CACHE_BYTES):
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
         return plan
+
+    def _cached_bytes(self) -> int:
+        return sum(p.spectrum.numel() * p.spectrum.element_size() for p in self._plans.values())
 
     def _make_plan(self, h: int, w: int, dtype: torch.dtype, device: torch.device) -> _SizePlan:
         rows, cols = plan_axis(h, self.k - 1, self.max_fft), plan_axis(w, self.k - 1, self.max_fft)
