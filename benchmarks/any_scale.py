@@ -11,12 +11,18 @@ on Y with ceil(scale) pixels of border cropped (esc_stream.metrics.psnr_y), and 
 - default x2 -> resize: the embedded default x2 model, then an antialiased bicubic resample to the HR size
                         (what `esc-video image --size` does with a fixed-scale model: `Upscaler.upscale_to`);
 - --weights:            an arbitrary-scale (ESC+LTE) checkpoint decoding the HR grid directly, when given.
+
+    python benchmarks/any_scale.py --memory [--input 480x270] [--output 3840x2160] [--tile 128] [--chunk 32768]
+
+instead renders one random frame with an arbitrary-scale model (esc_lte_small, random weights: memory and time
+do not depend on their values) and prints the process's peak resident memory before and after, and the time.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import resource
 import sys
 import time
 from pathlib import Path
@@ -47,6 +53,35 @@ def load_hr(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)[None]
 
 
+def _wh(text: str) -> tuple[int, int]:
+    w, h = (int(v) for v in text.lower().split("x"))
+    return w, h
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def memory(args: argparse.Namespace) -> int:
+    """Peak memory of one arbitrary-scale render: decoder chunks (and tiles) keep it flat in the output size."""
+    from esc_stream.models import create_model
+    from esc_stream.reparam import prepare_for_inference
+
+    torch.manual_seed(0)
+    model = prepare_for_inference(create_model(args.variant, 2))
+    (iw, ih), (ow, oh) = args.input, args.output
+    x = torch.rand(1, 3, ih, iw)
+    before = _peak_mib()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.render(x, (oh, ow), tile=args.tile, context=64, chunk=args.chunk)  # type: ignore[operator]
+    dt = time.perf_counter() - t0
+    print(f"{args.variant} (random weights) {iw}x{ih} -> {ow}x{oh} (x{ow / iw:.3g}), tile {args.tile}, chunk "
+          f"{args.chunk}, {args.threads} thread(s): {dt:.1f} s; peak RSS {before:.0f} MiB before, "
+          f"{_peak_mib():.0f} MiB after (the output alone is {out.numel() * 4 / 2**20:.0f} MiB)")  # fmt: skip
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "kodak24")
@@ -54,8 +89,17 @@ def main() -> int:
     ap.add_argument("--weights", type=Path, help="an arbitrary-scale (ESC+LTE) checkpoint to compare as well")
     ap.add_argument("--limit", type=int, help="first N images only")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--memory", action="store_true", help="peak memory of one large arbitrary-scale render")
+    ap.add_argument("--variant", default="esc_lte_small", help="--memory: the model (default esc_lte_small)")
+    ap.add_argument("--input", type=_wh, default=(480, 270), help="--memory: input WxH")
+    ap.add_argument("--output", type=_wh, default=(3840, 2160), help="--memory: output WxH")
+    ap.add_argument("--tile", type=int, default=128, help="--memory: tile side in input pixels (0: whole frame)")
+    ap.add_argument("--chunk", type=int, default=1 << 15, help="--memory: queries decoded at once")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory:
+        args.tile = args.tile or None
+        return memory(args)
     files = sorted(p for p in args.data.iterdir() if p.suffix.lower() in {".png", ".bmp", ".jpg"})[: args.limit]
     if not files:
         print(f"{args.data}: no images")
