@@ -177,17 +177,33 @@ def test_video_only_source_and_tiny_segments(tmp_path, shared_data):
     assert all(np.array_equal(a, b) for a, b in zip(_decode(dst), _decode(straight), strict=True))
 
 
-def test_cli_transcode_ray_equals_straight_and_bad_options_get_one_line(tmp_path, clip, ray_runtime, capsys):
+def test_cli_ray_starts_its_own_runtime_and_equals_straight(tmp_path, clip):
     src, straight = clip
     dst = tmp_path / "cli.mkv"
-    assert main(["transcode", str(src), str(dst), "--ray", "--segment", "0.3", "--crf", "0", "--quiet"]) == 0
+    cmd = [sys.executable, "-m", "esc_stream.cli", "transcode", str(src), str(dst), "--ray", "--workers", "2",
+           "--segment", "0.3", "--crf", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "24 frames" in proc.stdout and "3 segments" in proc.stdout
+    assert proc.stderr.count("segment ") >= 3 and "Traceback" not in proc.stderr
     _same_video(straight, dst)
-    for extra, expect in [(["--start", "0.5"], "do not combine with --ray"), ([], "segmented runs write")]:
-        out = tmp_path / ("bad.ts" if not extra else "bad.mkv")
-        assert main(["transcode", str(src), str(out), "--ray", "--quiet", *extra]) == 2
-        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("esc-video:")]
-        assert len(lines) == 1 and expect in lines[0]
-        assert not out.exists()
+    assert not work_dir(dst).exists()
+
+
+@pytest.mark.parametrize(
+    "name, extra, expect",
+    [("bad.mkv", ["--start", "0.5"], "do not combine with --ray"), ("bad.ts", [], "segmented runs write"),
+     ("bad.mkv", ["-c:v", "nosuchcodec"], "no such encoder")],
+)  # fmt: skip
+def test_cli_ray_bad_input_gets_one_line_before_ray_starts(tmp_path, clip, capsys, name, extra, expect):
+    src, _ = clip
+    out = tmp_path / name
+    ray_was_up = ray.is_initialized()
+    assert main(["transcode", str(src), str(out), "--ray", "--quiet", *extra]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("esc-video:")]
+    assert len(lines) == 1 and expect in lines[0]
+    assert not out.exists() and not work_dir(out).exists()
+    assert ray.is_initialized() == ray_was_up  # refused before any runtime was started
 
 
 def _library(root: Path) -> Path:

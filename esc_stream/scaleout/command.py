@@ -89,7 +89,8 @@ def _model_spec(args: argparse.Namespace) -> Any:
         print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
     weights = str(Path(args.weights).resolve()) if args.weights else None
     device = args.device
-    return ModelSpec(weights, up.scale, device, args.dtype, args.tile, args.overlap), up
+    backend = getattr(args, "backend", "torch")
+    return ModelSpec(weights, up.scale, device, args.dtype, args.tile, args.overlap, backend), up
 
 
 def _ray_device(args: argparse.Namespace) -> str:
@@ -139,7 +140,7 @@ def transcode_on_ray(args: argparse.Namespace, opts: Any) -> int:
 
     from ..cli import UserError
     from ..video.probe import VideoError
-    from .segments import run_segmented, work_dir
+    from .segments import check_request, run_segmented, work_dir
 
     if opts.start or opts.duration or opts.resume:
         raise UserError("--start/--duration/--resume do not combine with --ray (a re-run resumes by itself)")
@@ -147,6 +148,10 @@ def transcode_on_ray(args: argparse.Namespace, opts: Any) -> int:
         raise UserError(f"--ray splits files at keyframes; {args.input} is a live input, use it without --ray")
     device = _ray_device(args)
     spec, _ = _model_spec(args)
+    try:  # refuse bad input before a Ray runtime is started or joined
+        check_request(Path(args.input), Path(args.output), spec, opts, args.segment)
+    except VideoError as exc:
+        raise UserError(str(exc)) from None
     progress = _SegmentProgress(args)
 
     def on_term(signum: int, frame: Any) -> None:

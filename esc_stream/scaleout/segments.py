@@ -62,6 +62,7 @@ class ModelSpec:
     dtype: str = "float32"
     tile: int | None = None
     overlap: int = 64
+    backend: str = "torch"
 
     def load(self) -> Any:
         """The upscaler, built once per process: a worker running many tasks loads the model once."""
@@ -72,7 +73,7 @@ class ModelSpec:
             from ..upscaler import load
 
             up = load(self.weights, scale=self.scale, device=self.device, dtype=getattr(torch, self.dtype),
-                      tile=self.tile, overlap=self.overlap)  # fmt: skip
+                      tile=self.tile, overlap=self.overlap, backend=self.backend)  # fmt: skip
             _UPSCALERS[self] = up
         return up
 
@@ -474,6 +475,28 @@ def check_encoder(info: VideoInfo, scale: int, opts: TranscodeOptions, fmt: str)
         _open_encoder(probe_out, info, scale, opts, fmt)
 
 
+def check_request(
+    src: Path, dst: Path, model: ModelSpec, opts: TranscodeOptions | None, segment_seconds: float
+) -> tuple[VideoInfo, TranscodeOptions, str, int]:
+    """Everything that can be refused before any task starts: paths, container, options, source, weights,
+    encoder. Returns the source's description, the options with the codec made explicit, the output
+    container and the model's scale."""
+    opts = opts or TranscodeOptions()
+    _check_paths(src, dst, opts.overwrite)
+    fmt = output_format(dst)
+    if fmt not in JOINABLE:
+        raise VideoError(f"{dst}: segmented runs write {', '.join(sorted(JOINABLE.values()))} outputs")
+    if opts.start or opts.duration or opts.resume:
+        raise VideoError("--start/--duration/--resume do not apply to segmented runs (a re-run resumes by itself)")
+    if segment_seconds <= 0:
+        raise VideoError("the segment length must be > 0 seconds")
+    info = probe(src)
+    opts = replace(opts, codec=opts.codec or DEFAULT_CODEC.get(fmt, "libx264"))
+    scale = replace(model, device="cpu").load().scale  # the head may have no GPU; CPU loading checks the weights
+    check_encoder(info, scale, opts, fmt)
+    return info, opts, fmt, scale
+
+
 def run_segmented(
     src: str | Path,
     dst: str | Path,
@@ -489,20 +512,8 @@ def run_segmented(
 
     On failure the finished segments stay in OUT.segments/ and the same call later resumes from them."""
     src, dst = Path(src), Path(dst)
-    opts = opts or TranscodeOptions()
     t0 = time.perf_counter()
-    _check_paths(src, dst, opts.overwrite)
-    fmt = output_format(dst)
-    if fmt not in JOINABLE:
-        raise VideoError(f"{dst}: segmented runs write {', '.join(sorted(JOINABLE.values()))} outputs")
-    if opts.start or opts.duration or opts.resume:
-        raise VideoError("--start/--duration/--resume do not apply to segmented runs (a re-run resumes by itself)")
-    if segment_seconds <= 0:
-        raise VideoError("the segment length must be > 0 seconds")
-    info = probe(src)
-    opts = replace(opts, codec=opts.codec or DEFAULT_CODEC.get(fmt, "libx264"))
-    scale = replace(model, device="cpu").load().scale  # the head may have no GPU; CPU loading checks the weights
-    check_encoder(info, scale, opts, fmt)
+    info, opts, fmt, scale = check_request(src, dst, model, opts, segment_seconds)
     keys, _ = keyframes(src)
     if not keys:
         raise VideoError(f"{src}: the video has no keyframe; it cannot be split into segments")
