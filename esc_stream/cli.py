@@ -276,10 +276,11 @@ def cmd_transcode(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .video.probe import VideoError, probe
+    from .video.probe import VideoError, is_live, probe
     from .video.transcode import TranscodeOptions, _check_paths, output_format, transcode
 
-    src, dst = Path(args.input), Path(args.output)
+    live = is_live(args.input)  # "-" or a URL: opened once by transcode itself, so not probed here
+    src, dst = (args.input if live else Path(args.input)), Path(args.output)
     opts = TranscodeOptions(
         codec=args.codec,
         crf=args.crf,
@@ -297,7 +298,7 @@ def cmd_transcode(args: argparse.Namespace) -> int:
     try:  # everything about the input and output is checked before the model loads
         _check_paths(src, dst, opts.overwrite)
         output_format(dst)
-        info = probe(src)
+        info = None if live else probe(src)
     except VideoError as exc:
         raise UserError(str(exc)) from None
     if args.ray is not None:  # segments as Ray tasks; Ray is imported on this path only
@@ -307,7 +308,7 @@ def cmd_transcode(args: argparse.Namespace) -> int:
     up = _load_upscaler(args)
     if not up.pretrained:
         print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
-    if not args.quiet:
+    if not args.quiet and info is not None:
         print(info.describe(), file=sys.stderr)
         print(f"-> {dst}: {info.width * up.scale}x{info.height * up.scale} with {up.variant} x{up.scale} "
               f"[{up.source}]", file=sys.stderr)  # fmt: skip
@@ -337,6 +338,98 @@ def cmd_transcode(args: argparse.Namespace) -> int:
     print(f"{dst}: {result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps), "
           f"{result.output_bytes / 1e6:.2f} MB")  # fmt: skip
     return 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    """Live input to live output; the work is in video/stream.py, this only wires flags, signals and messages."""
+    import signal
+    import threading
+
+    from .video.probe import VideoError
+    from .video.stream import StreamOptions, check_output, stream
+
+    opts = StreamOptions(
+        format=args.format,
+        input_format=args.input_format,
+        input_options=dict(args.input_option or []),
+        codec=args.codec,
+        crf=args.crf,
+        preset=args.preset,
+        pix_fmt=args.pix_fmt,
+        encoder_options=dict(args.encoder_option or []),
+        size=_requested_size(args),
+        audio=not args.no_audio,
+        realtime=args.realtime,
+        max_latency=args.max_latency,
+        reconnect=args.reconnect,
+        timeout=args.timeout,
+        native_rate=args.re,
+        overwrite=args.overwrite,
+        stats_every=0 if args.quiet else args.stats_every,
+    )
+    try:
+        check_output(args.input, args.output, opts)
+    except VideoError as exc:
+        raise UserError(str(exc)) from None
+    up = _load_upscaler(args)
+    if not up.pretrained:
+        print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stats = stream(args.input, args.output, up, opts, stop=stop,
+                       report=lambda st: print(f"esc-video: {st.line()}", file=sys.stderr, flush=True))  # fmt: skip
+    except VideoError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    # stdout may be the video itself: every message goes to stderr
+    how = "stopped by signal" if stats.stopped else "input ended"
+    print(f"esc-video: {how}; {stats.output or 'nothing written'}: {stats.frames_out} of {stats.frames_in} frames "
+          f"in {stats.seconds:.1f} s ({stats.fps:.2f} fps), dropped {stats.dropped}, bad packets {stats.bad_packets}, "
+          f"latency median {stats.median:.2f} s, p95 {stats.p95:.2f} s", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text!r}")
+    return value
+
+
+def _add_stream_parser(sub) -> None:
+    p = sub.add_parser("stream", help="upscale a live stream: stdin/stdout or URLs, bounded latency, audio kept")
+    p.add_argument("input", help="- (stdin), a URL (tcp://, udp://, srt://, rtmp://, http://) or a file")
+    p.add_argument("output", help="- (stdout), a URL (tcp://, udp://, srt://, rtmp://) or a file")
+    _add_model_args(p)
+    p.add_argument("-f", dest="format", help="output container (default: mpegts for - and URLs, flv for rtmp://)")
+    p.add_argument("--input-format", help="input container, for inputs FFmpeg cannot recognise (e.g. h264)")
+    p.add_argument("--input-option", dest="input_option", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="input/protocol option, repeatable (e.g. listen=1)")  # fmt: skip
+    p.add_argument("-c:v", "--codec", dest="codec", help="video encoder (default libx264, tuned for zero latency)")
+    p.add_argument("--crf", type=_non_negative, help="quality for x264/x265/vp9 (default 18 for x264)")
+    p.add_argument("--preset", help="encoder preset (x264 default here: veryfast)")
+    p.add_argument("--pix-fmt", dest="pix_fmt", help="output pixel format (default: follows the source)")
+    p.add_argument("-e", dest="encoder_option", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="extra encoder option, repeatable; overrides the low-delay defaults")  # fmt: skip
+    p.add_argument("--realtime", choices=("block", "drop"), default="block",
+                   help="upscaling slower than the source: block it (default) or drop the oldest frames")  # fmt: skip
+    p.add_argument("--max-latency", type=_positive_seconds, default=2.0,
+                   help="with --realtime drop: latency to keep each frame under (default 2 s)")  # fmt: skip
+    p.add_argument("--reconnect", action="store_true", help="reopen a URL input when it ends or fails, until stopped")
+    p.add_argument("--timeout", type=_positive_seconds, help="give up on an input silent (or output stalled) this long")
+    p.add_argument("--re", action="store_true", help="read the input no faster than its timestamps (like ffmpeg -re)")
+    p.add_argument("--no-audio", action="store_true", help="drop audio streams")
+    p.add_argument("--overwrite", action="store_true", help="replace a file OUTPUT if it exists")
+    p.add_argument("--stats-every", type=_positive_seconds, default=5.0, help="seconds between stats lines (default 5)")
+    p.add_argument("--quiet", action="store_true", help="no stats lines")
+    p.set_defaults(func=cmd_stream)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ray_options(p, segments=True)
     p.set_defaults(func=cmd_transcode)
+    _add_stream_parser(sub)
     add_batch_parser(sub)
 
     p = sub.add_parser("probe", help="show what transcode would do with a file")

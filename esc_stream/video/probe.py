@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -20,7 +21,7 @@ class VideoError(ValueError):
 class VideoInfo:
     """What `probe` found; enough to plan the transcode and to explain it to the user."""
 
-    path: Path
+    path: Path | str  # a str for stdin ("-") and URLs, which Path would mangle
     format_name: str
     width: int
     height: int
@@ -58,8 +59,38 @@ class VideoInfo:
         return "\n".join(lines)
 
 
-def open_input(path: str | Path) -> av.container.InputContainer:
-    """Open for reading only, with one clear error for the usual problems."""
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(//|\d)")  # tcp://, srt://, pipe:0; not C:\\ or relative paths
+
+
+def is_live(src: str | Path) -> bool:
+    """True for stdin ("-") and URLs (tcp://, udp://, srt://, rtmp://, http://, pipe:N): read once, never seeked."""
+    if isinstance(src, Path):
+        return False
+    return src == "-" or (_URL.match(src) is not None and not src.startswith("file:"))
+
+
+def _ffmpeg_url(src: str) -> str:
+    return "pipe:0" if src == "-" else src
+
+
+def open_input(
+    path: str | Path,
+    *,
+    format: str | None = None,
+    options: dict[str, str] | None = None,
+    timeout: float | tuple[float | None, float | None] | None = None,
+) -> av.container.InputContainer:
+    """Open for reading only, with one clear error for the usual problems.
+
+    `path` may also be "-" (stdin) or a URL FFmpeg opens; `format`, `options` and `timeout` apply to those."""
+    if is_live(path):
+        label = "stdin" if path == "-" else str(path)
+        try:
+            return av.open(_ffmpeg_url(str(path)), mode="r", format=format, options=options or {}, timeout=timeout)
+        except av.error.FFmpegError as exc:
+            raise VideoError(f"{label}: cannot open ({exc.strerror or type(exc).__name__})") from None
+        except ValueError as exc:  # e.g. an unknown -f name
+            raise VideoError(f"{label}: cannot open ({exc})") from None
     path = Path(path)
     if not path.exists():
         raise VideoError(f"{path}: no such file")
@@ -68,7 +99,7 @@ def open_input(path: str | Path) -> av.container.InputContainer:
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: file is empty")
     try:
-        return av.open(str(path), mode="r")
+        return av.open(str(path), mode="r", format=format, options=options or {})
     except av.error.FFmpegError as exc:
         raise VideoError(f"{path}: not a readable media file ({exc.strerror or type(exc).__name__})") from None
 
@@ -112,54 +143,60 @@ def check_pixel_format(path: str | Path, pix_fmt: str) -> None:
 def probe(path: str | Path) -> VideoInfo:
     """Describe the first video stream of `path` and list the streams that will be copied."""
     with open_input(path) as c:
-        if not c.streams.video:
-            raise VideoError(f"{path}: has no video stream")
-        vs = c.streams.video[0]
-        cc = vs.codec_context
-        if cc.width <= 0 or cc.height <= 0 or cc.pix_fmt is None:
-            raise VideoError(f"{path}: video stream #{vs.index} has no decodable picture size or pixel format")
-        check_pixel_format(path, cc.pix_fmt)
-        duration = float(c.duration / av.time_base) if c.duration else None
-        if vs.duration and vs.time_base:
-            duration = float(vs.duration * vs.time_base)
-        rate = vs.average_rate or vs.guessed_rate
-        frames, estimated = int(vs.frames or 0), False
-        if frames <= 0 and duration and rate:
-            frames, estimated = int(round(duration * float(rate))), True
-        # a container's declared base rate far above its average rate marks variable frame rate
-        vfr = bool(vs.base_rate and vs.average_rate and abs(float(vs.base_rate) / float(vs.average_rate) - 1) > 0.01)
-        colour = Colour(
-            matrix=int(cc.colorspace or 2),
-            primaries=int(cc.color_primaries or 2),
-            transfer=int(cc.color_trc or 2),
-            range=int(cc.color_range or 0),
-            bits=pixel_bits(cc.pix_fmt),
-            height=cc.height,
-        )
-        info = VideoInfo(
-            path=Path(path),
-            format_name=c.format.name,
-            width=cc.width,
-            height=cc.height,
-            pix_fmt=cc.pix_fmt,
-            codec=cc.name,
-            time_base=_fraction(vs.time_base) or Fraction(1, 25),
-            average_rate=_fraction(rate),
-            frames=frames,
-            frames_estimated=estimated,
-            duration=duration,
-            colour=colour,
-            variable_rate=vfr,
-            rotation=_rotation(c, vs),
-            sar=_fraction(cc.sample_aspect_ratio),
-        )
-        for s in c.streams:
-            if s is vs:
-                continue
-            if s.type == "audio":
-                info.audio.append(_stream_label(s))
-            elif s.type == "subtitle":
-                info.subtitles.append(_stream_label(s))
-            else:
-                info.other.append(f"#{s.index} {s.type}")
-        return info
+        return probe_container(c, path)
+
+
+def probe_container(c: av.container.InputContainer, path: str | Path, *, seekable: bool = True) -> VideoInfo:
+    """Describe an open input; `seekable=False` (pipes, live URLs) reads nothing beyond what FFmpeg probed,
+    so the display rotation, which needs a decoded frame and a seek back, is left at 0."""
+    if not c.streams.video:
+        raise VideoError(f"{path}: has no video stream")
+    vs = c.streams.video[0]
+    cc = vs.codec_context
+    if cc.width <= 0 or cc.height <= 0 or cc.pix_fmt is None:
+        raise VideoError(f"{path}: video stream #{vs.index} has no decodable picture size or pixel format")
+    check_pixel_format(path, cc.pix_fmt)
+    duration = float(c.duration / av.time_base) if c.duration else None
+    if vs.duration and vs.time_base:
+        duration = float(vs.duration * vs.time_base)
+    rate = vs.average_rate or vs.guessed_rate
+    frames, estimated = int(vs.frames or 0), False
+    if frames <= 0 and duration and rate:
+        frames, estimated = int(round(duration * float(rate))), True
+    # a container's declared base rate far above its average rate marks variable frame rate
+    vfr = bool(vs.base_rate and vs.average_rate and abs(float(vs.base_rate) / float(vs.average_rate) - 1) > 0.01)
+    colour = Colour(
+        matrix=int(cc.colorspace or 2),
+        primaries=int(cc.color_primaries or 2),
+        transfer=int(cc.color_trc or 2),
+        range=int(cc.color_range or 0),
+        bits=pixel_bits(cc.pix_fmt),
+        height=cc.height,
+    )
+    info = VideoInfo(
+        path=path if isinstance(path, str) and is_live(path) else Path(path),
+        format_name=c.format.name,
+        width=cc.width,
+        height=cc.height,
+        pix_fmt=cc.pix_fmt,
+        codec=cc.name,
+        time_base=_fraction(vs.time_base) or Fraction(1, 25),
+        average_rate=_fraction(rate),
+        frames=frames,
+        frames_estimated=estimated,
+        duration=duration,
+        colour=colour,
+        variable_rate=vfr,
+        rotation=_rotation(c, vs) if seekable else 0,
+        sar=_fraction(cc.sample_aspect_ratio),
+    )
+    for s in c.streams:
+        if s is vs:
+            continue
+        if s.type == "audio":
+            info.audio.append(_stream_label(s))
+        elif s.type == "subtitle":
+            info.subtitles.append(_stream_label(s))
+        else:
+            info.other.append(f"#{s.index} {s.type}")
+    return info

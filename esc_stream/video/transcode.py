@@ -21,7 +21,7 @@ import numpy as np
 
 from ..engine.pipeline import run_pipeline
 from .colour import Colour, frame_to_rgb, pixel_bits, rgb_to_frame, target_size
-from .probe import VideoError, VideoInfo, open_input, probe
+from .probe import VideoError, VideoInfo, is_live, open_input, probe, probe_container
 
 # output container by file extension (the .partial name hides it from FFmpeg's own guess)
 CONTAINERS = {
@@ -101,8 +101,8 @@ def default_pix_fmt(info: VideoInfo, codec: str) -> str:
     return codec_formats[0]
 
 
-def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
-    if src.resolve() == dst.resolve():
+def _check_paths(src: Path | str, dst: Path, overwrite: bool) -> None:
+    if isinstance(src, Path) and src.resolve() == dst.resolve():
         raise VideoError(f"{dst}: output would overwrite the input")
     if not dst.parent.exists():
         raise VideoError(f"{dst}: folder {dst.parent} does not exist")
@@ -172,17 +172,34 @@ def transcode(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> TranscodeResult:
-    """Upscale every frame of `src` into `dst`; returns counts and timings. Raises VideoError on bad input."""
-    src, dst = Path(src), Path(dst)
+    """Upscale every frame of `src` into `dst`; returns counts and timings. Raises VideoError on bad input.
+
+    `src` may be "-" (stdin) or a URL: it is then opened once and read straight through (no seeking, so
+    no --start or --resume), and the output file is finished when the input ends."""
+    live = isinstance(src, str) and is_live(src)
+    src, dst = (src if live else Path(src)), Path(dst)
     opts = opts or TranscodeOptions()
     _check_paths(src, dst, opts.overwrite)
     fmt = output_format(dst)
-    info = probe(src)
     if opts.start < 0 or (opts.duration is not None and opts.duration <= 0):
         raise VideoError("--start must be >= 0 and --duration > 0")
+    if live:
+        if opts.start or opts.resume:
+            raise VideoError(f"{src}: --start and --resume need a seekable input file, not a pipe or URL")
+        if partial_path(dst).exists() and not opts.overwrite:
+            raise VideoError(f"{partial_path(dst)}: a partial output exists; use --overwrite to restart")
+        live_input = open_input(src)
+        try:
+            info = probe_container(live_input, src, seekable=False)
+        except BaseException:
+            live_input.close()
+            raise
+        return _transcode_open(live_input, src, dst, fmt, info, upscaler, opts, progress, stop)
+    src = Path(src)
+    info = probe(src)
     if info.duration is not None and opts.start >= info.duration:
         raise VideoError(f"{src}: --start {opts.start:g} s is beyond the end ({info.duration:.2f} s)")
-    if (opts.start or opts.duration) and info.average_rate:
+    if (opts.start or opts.duration) and info.average_rate and info.duration:
         left = (info.duration or 0) - opts.start
         span = min(left, opts.duration) if opts.duration else left
         info = replace(info, frames=max(1, round(span * float(info.average_rate))), frames_estimated=True)
@@ -200,10 +217,28 @@ def transcode(
         if resume is not None:
             tmp.replace(previous)
             info = replace(info, frames=max(info.frames - resume[2], 1), frames_estimated=info.frames_estimated)
+    return _transcode_open(open_input(src), src, dst, fmt, info, upscaler, opts, progress, stop, resume)
+
+
+def _transcode_open(
+    inp: av.container.InputContainer,
+    src: Path | str,
+    dst: Path,
+    fmt: str,
+    info: VideoInfo,
+    upscaler: Any,
+    opts: TranscodeOptions,
+    progress: Progress | None,
+    stop: threading.Event | None,
+    resume: tuple[float, float, int] | None = None,
+) -> TranscodeResult:
+    """The transcode proper, from an input already open (a pipe or URL can be opened only once)."""
+    tmp = partial_path(dst)
+    previous = dst.with_name(dst.name + ".previous")
     bad_spans: list[str] = []
     t0 = time.perf_counter()
     stopped = False
-    with open_input(src) as inp:
+    with inp:
         ivs = inp.streams.video[0]
         ivs.thread_type = "AUTO"
         # every packet reaches the disk at once, so a killed Matroska run loses at most the GOP in progress
