@@ -193,7 +193,8 @@ def test_cli_ray_starts_its_own_runtime_and_equals_straight(tmp_path, clip):
 @pytest.mark.parametrize(
     "name, extra, expect",
     [("bad.mkv", ["--start", "0.5"], "do not combine with --ray"), ("bad.ts", [], "segmented runs write"),
-     ("bad.mkv", ["-c:v", "nosuchcodec"], "no such encoder")],
+     ("bad.mkv", ["-c:v", "nosuchcodec"], "no such encoder"),
+     ("bad.mkv", ["--ray", "127.0.0.1:1"], "no Ray cluster answers there")],
 )  # fmt: skip
 def test_cli_ray_bad_input_gets_one_line_before_ray_starts(tmp_path, clip, capsys, name, extra, expect):
     src, _ = clip

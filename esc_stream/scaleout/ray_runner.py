@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +25,8 @@ SegmentTask = Callable[[Job, Segment], dict[str, Any]]
 def connect(address: str | None, workers: int | None = None) -> Iterator[None]:
     """Use the Ray runtime already initialised in this process, else join `address`, else start a local one
     (Ray's embedded default, `workers` CPUs). Only a runtime started here is shut down on leaving."""
+    if address:
+        _check_reachable(address)
     if ray.is_initialized():
         yield
         return
@@ -40,6 +43,20 @@ def connect(address: str | None, workers: int | None = None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """One line at once for an address where nothing listens (Ray itself keeps retrying for minutes)."""
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        if address != "auto":
+            raise VideoError(f"--ray {address}: expected HOST:PORT or ray://HOST:PORT")
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise VideoError(f"--ray {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
 
 def gpu_hint(device: str) -> str | None:
