@@ -154,14 +154,12 @@ def transcode_on_ray(args: argparse.Namespace, opts: Any) -> int:
         raise UserError(str(exc)) from None
     progress = _SegmentProgress(args)
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, on_term)
+    old = signal.getsignal(signal.SIGTERM)
     from .ray_runner import RayRunner, connect, gpu_hint  # the only import of Ray, on this path alone
 
     try:
         with connect(args.ray or None, args.workers):
+            signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own
             runner = RayRunner(device=device, retries=args.retries, in_flight=args.workers)
             if (hint := gpu_hint(device)) and not args.quiet:
                 print(hint, file=sys.stderr)
@@ -184,9 +182,14 @@ def transcode_on_ray(args: argparse.Namespace, opts: Any) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM as Ctrl-C: unfinished tasks are cancelled, finished work is kept."""
+    raise KeyboardInterrupt
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from ..cli import UserError, _load_upscaler, _ProgressLine
-    from .batch import BatchReport, FileResult, file_task, plan, run_local
+    from .batch import BatchReport, plan, run_local
 
     in_dir, out_dir = Path(args.input), Path(args.output)
     if not in_dir.is_dir():
@@ -216,24 +219,40 @@ def cmd_batch(args: argparse.Namespace) -> int:
         finally:
             bar.finish()
     elif todo:
-        _ray_device(args)
-        spec, _ = _model_spec(args)
-        from .ray_runner import connect, gpu_hint, run_files, task_device
+        _batch_on_ray(args, todo, opts, report)
+    return report.summary(sys.stdout)
 
+
+def _batch_on_ray(args: argparse.Namespace, todo: list[tuple[Path, Path]], opts: Any, report: Any) -> None:
+    """Each file one Ray task; results are reported in the order they finish."""
+    import signal
+
+    from ..cli import UserError
+    from ..video.probe import VideoError
+    from .batch import FileResult, file_task
+
+    _ray_device(args)
+    spec, _ = _model_spec(args)
+    from .ray_runner import connect, gpu_hint, run_files, task_device
+
+    def on_result(key: tuple[Path, Path], r: dict[str, Any]) -> None:
+        report(FileResult(key[0], key[1], r["ok"], r["frames"], r["seconds"], r["message"]))
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
         with connect(args.ray or None, args.workers):
+            signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own
             device, gpus = task_device(args.device)
             if (hint := gpu_hint(args.device)) and not args.quiet:
                 print(hint, file=sys.stderr)
-            spec = replace(spec, device=device)
-            items = [((src, dst), (str(src), str(dst), spec, opts)) for src, dst in todo]
-
-            def on_result(key: tuple[Path, Path], r: dict[str, Any]) -> None:
-                report(FileResult(key[0], key[1], r["ok"], r["frames"], r["seconds"], r["message"]))
-
+            items = [((src, dst), (str(src), str(dst), replace(spec, device=device), opts)) for src, dst in todo]
             for _, dst in todo:
                 dst.parent.mkdir(parents=True, exist_ok=True)
             failures = run_files(file_task, items, on_result, retries=args.retries, gpus_per_task=gpus,
                                  in_flight=args.workers)  # fmt: skip
-            for (src, dst), why in failures:
-                report(FileResult(src, dst, False, message=why))
-    return report.summary(sys.stdout)
+    except VideoError as exc:  # the cluster, not a file: nothing was done
+        raise UserError(str(exc)) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    for (src, dst), why in failures:
+        report(FileResult(src, dst, False, message=why))
