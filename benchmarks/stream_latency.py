@@ -119,10 +119,11 @@ def _run(clip: Path, up, opts: StreamOptions, paced: bool) -> tuple:
 
 
 def _line(name: str, stats, received: int) -> str:
+    worst = max(stats.latencies, default=float("nan"))
     return (
         f"  {name:<6}: {stats.frames_in} frames in, {stats.frames_out} out ({received} received), "
         f"{stats.dropped} dropped; throughput {stats.fps:.3f} fps; "
-        f"latency median {stats.median:.3f} s, p95 {stats.p95:.3f} s, max {max(stats.latencies):.3f} s"
+        f"latency median {stats.median:.3f} s, p95 {stats.p95:.3f} s, max {worst:.3f} s"
     )
 
 

@@ -20,6 +20,7 @@ from media import demo_frames, make_clip
 
 import esc_stream
 from esc_stream import cli
+from esc_stream.video.probe import is_live
 from esc_stream.video.stream import StreamOptions, stream
 from esc_stream.video.transcode import transcode
 
@@ -311,3 +312,12 @@ def test_reconnect_continues_the_timeline(up, tmp_path, clip):
     # the second connection's timestamps restart; they are moved to follow the first's (audio ends last)
     assert 1 / 25 - 1e-3 < video[N] - video[N - 1] < 0.25
     assert audio == sorted(audio)
+
+
+@pytest.mark.parametrize(
+    "src, live",
+    [("-", True), ("tcp://127.0.0.1:9000?listen=1", True), ("srt://cam:7001", True), ("pipe:0", True),
+     ("clip.ts", False), ("take:1.ts", False), ("C:\\video.mp4", False), ("file:///tmp/a.ts", False)],
+)  # fmt: skip
+def test_which_inputs_are_read_live(src, live):
+    assert is_live(src) is live

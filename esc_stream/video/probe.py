@@ -59,7 +59,7 @@ class VideoInfo:
         return "\n".join(lines)
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(//|\d)")  # tcp://, srt://, pipe:0; not C:\\ or relative paths
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|pipe:\d*$)")  # tcp://..., pipe:0; not C:\\x nor a file "a:1.ts"
 
 
 def is_live(src: str | Path) -> bool:
