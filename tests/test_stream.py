@@ -6,12 +6,14 @@ so no side can race the other's listen.
 """
 
 import io
+import random
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -40,9 +42,17 @@ def clip(tmp_path_factory, shared_data):
 
 
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range: a client retrying a connect to an ephemeral port that nobody
+    listens on can be given that same port as its own and connect to itself (TCP self-connect)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(max(1024, low - 8000), low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _connect(url: str):
