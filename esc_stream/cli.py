@@ -53,7 +53,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=_scale, help="2, 3 or 4 (default 2); any, e.g. 1.5, with an arbitrary-scale model")
     p.add_argument("--tile", type=_positive, help="tile side in input pixels (default: whole frame)")
     p.add_argument("--overlap", type=_non_negative, default=64, help="context pixels around each tile (default 64)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto (CUDA when present; default cpu)")
     p.add_argument("--size", type=_size, help="exact output size WxH: model scale, then a Lanczos resample")
     p.add_argument("--width", type=_positive, help="output width (height follows the display aspect)")
     p.add_argument("--height", type=_positive, help="output height (width follows the display aspect)")
@@ -63,6 +63,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="inference engine on the CPU (default torch; see README 'CPU speed and ONNX')")  # fmt: skip
 
 
+def model_scale_for(factor: float) -> int:
+    """The smallest scale of the embedded default models that reaches `factor` (else the largest one shipped)."""
+    from .upscaler import DefaultModel
+
+    shipped = [k for k in (2, 3, 4) if DefaultModel(k).exists()] or [2]
+    return min((k for k in shipped if k >= factor), default=max(shipped))
+
+
 def _load_upscaler(args: argparse.Namespace):
     import torch
 
@@ -70,31 +78,28 @@ def _load_upscaler(args: argparse.Namespace):
     from .checkpoints import CheckpointError
     from .upscaler import load
 
+    if args.device == "auto":  # the CUDA path (esc_stream/cuda) when torch sees a GPU
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine")
-    # a scale other than 2/3/4 needs an arbitrary-scale checkpoint, which then runs at 2 unless told a size
+    # A scale other than 2/3/4: an arbitrary-scale checkpoint decodes it directly (image); a fixed-scale model runs
+    # at the smallest scale that reaches it and the result is resampled to the exact size (see _requested_size).
     fixed = args.scale in (2, 3, 4)
-    command = getattr(args, "command", "image")
-    if args.scale and not fixed and command != "image":
-        raise UserError(f"--scale {args.scale}: {command} takes 2, 3 or 4; for other sizes use --size/--width/--height")
-    if args.scale and not fixed and args.weights is None:
-        raise UserError(f"--scale {args.scale}: ESC models are x2, x3 or x4; other scales need --weights with an "
-                        "arbitrary-scale (ESC+LTE) checkpoint")  # fmt: skip
+    if args.scale and not fixed and getattr(args, "command", "image") == "stream":
+        raise UserError(f"--scale {args.scale}: a live stream's size is known only once it starts; "
+                        "use --size/--width/--height")  # fmt: skip
     try:
         dtype = getattr(torch, args.dtype)
         if dtype == torch.float16 and not args.device.startswith("cuda"):
             raise UserError("--dtype float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
-        scale = args.scale if fixed else 2
+        scale = args.scale if fixed else model_scale_for(args.scale or 2)
         up = load(args.weights, scale=scale, device=args.device, dtype=dtype, tile=args.tile, overlap=args.overlap,
                   backend=getattr(args, "backend", "torch"))  # fmt: skip
     except (CheckpointError, BackendError) as exc:
         raise UserError(str(exc)) from None
     except (RuntimeError, ValueError) as exc:
         raise UserError(f"--device {args.device}: {exc}") from None
-    if args.scale and not fixed and not up.arbitrary:
-        raise UserError(f"--scale {args.scale}: {args.weights} is a x{up.scale} ESC model; other scales need an "
-                        "arbitrary-scale (ESC+LTE) checkpoint, or --size/--width/--height")  # fmt: skip
-    if args.weights is not None and args.scale and args.scale != up.scale and not up.arbitrary:
+    if args.weights is not None and fixed and args.scale != up.scale and not up.arbitrary:
         raise UserError(f"--scale {args.scale} does not match {args.weights}, which is a x{up.scale} model")
     return up
 
@@ -134,7 +139,7 @@ def cmd_image(args: argparse.Namespace) -> int:
     if not up.pretrained:
         print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
     t0 = time.perf_counter()
-    size = _requested_size(args)
+    size = _requested_size(args, (pic.rgb.shape[1], pic.rgb.shape[0]))
     if up.arbitrary and (size or args.scale):  # the model decodes the exact output grid: no resample
         rgb, alpha = _arbitrary_image(up, pic, size, args.scale)
         size = None
@@ -218,13 +223,26 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _requested_size(args: argparse.Namespace) -> tuple[int | None, int | None] | None:
+def _requested_size(
+    args: argparse.Namespace, dims: tuple[int, int] | None = None, even: bool = False
+) -> tuple[int | None, int | None] | None:
+    """The output size asked for: --size, --width/--height, or a --scale no model has (given the input `dims`)."""
+    factor = getattr(args, "scale", None)
+    fractional = factor is not None and factor not in (2, 3, 4)
     if args.size and (args.width or args.height):
         raise UserError("give --size or --width/--height, not both")
+    if fractional and (args.size or args.width or args.height):
+        raise UserError(f"give --scale {factor} or an output size, not both")
     if args.size:
         return args.size
     if args.width or args.height:
         return args.width, args.height
+    if fractional:
+        if dims is None:
+            raise UserError(f"--scale {factor}: the input's size is not known in advance; use --size/--width/--height")
+        step = 2 if even else 1  # 4:2:0 video needs even sides
+        f = float(args.scale)
+        return max(step, round(dims[0] * f / step) * step), max(step, round(dims[1] * f / step) * step)
     return None
 
 
@@ -277,7 +295,7 @@ def cmd_transcode(args: argparse.Namespace) -> int:
     import threading
 
     from .video.probe import VideoError, is_live, probe
-    from .video.transcode import TranscodeOptions, _check_paths, output_format, transcode
+    from .video.transcode import TranscodeOptions, _check_paths, output_format, output_geometry, transcode
 
     live = is_live(args.input)  # "-" or a URL: opened once by transcode itself, so not probed here
     src, dst = (args.input if live else Path(args.input)), Path(args.output)
@@ -293,7 +311,7 @@ def cmd_transcode(args: argparse.Namespace) -> int:
         start=args.start,
         duration=args.duration,
         resume=args.resume,
-        size=_requested_size(args),
+        size=None,  # set below, once the input has been probed (a fractional --scale needs its size)
     )
     try:  # everything about the input and output is checked before the model loads
         _check_paths(src, dst, opts.overwrite)
@@ -301,6 +319,7 @@ def cmd_transcode(args: argparse.Namespace) -> int:
         info = None if live else probe(src)
     except VideoError as exc:
         raise UserError(str(exc)) from None
+    opts.size = _requested_size(args, None if info is None else (info.width, info.height), even=True)
     if args.ray is not None:  # segments as Ray tasks; Ray is imported on this path only
         from .scaleout.command import transcode_on_ray
 
@@ -310,8 +329,10 @@ def cmd_transcode(args: argparse.Namespace) -> int:
         print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
     if not args.quiet and info is not None:
         print(info.describe(), file=sys.stderr)
-        print(f"-> {dst}: {info.width * up.scale}x{info.height * up.scale} with {up.variant} x{up.scale} "
-              f"[{up.source}]", file=sys.stderr)  # fmt: skip
+        out_w, out_h, _ = output_geometry(info, up.scale, opts)
+        resample = "" if (out_w, out_h) == (info.width * up.scale, info.height * up.scale) else ", then Lanczos"
+        print(f"-> {dst}: {out_w}x{out_h} with {up.variant} x{up.scale}{resample} [{up.source}]",
+              file=sys.stderr)  # fmt: skip
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -464,8 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ray_options(p, segments=True)
     p.set_defaults(func=cmd_transcode)
-    _add_stream_parser(sub)
     add_batch_parser(sub)
+    _add_stream_parser(sub)
 
     p = sub.add_parser("probe", help="show what transcode would do with a file")
     p.add_argument("input")

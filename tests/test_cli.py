@@ -141,3 +141,14 @@ def test_image_exact_size(tmp_path, weights):
     assert main(["image", str(src), str(dst), "--weights", str(weights), "--width", "90"]) == 0
     with Image.open(dst) as im:
         assert im.size == (90, 60)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of --device auto")
+def test_device_auto_falls_back_to_the_cpu_and_cuda_is_one_line(tmp_path, weights, capsys):
+    src, dst = tmp_path / "in.png", tmp_path / "out.png"
+    Image.fromarray(_rgb(12, 10)).save(src)
+    assert main(["image", str(src), str(dst), "--weights", str(weights), "--device", "auto"]) == 0
+    assert Image.open(dst).size == (20, 24)
+    assert main(["image", str(src), str(tmp_path / "c.png"), "--weights", str(weights), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0]

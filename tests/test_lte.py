@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -213,30 +214,42 @@ def test_cli_image_any_scale(tmp_path, lte_file, capsys):
     assert "esc_lte (any scale)" in capsys.readouterr().out
 
 
-def test_cli_fractional_scale_needs_arbitrary_model(tmp_path):
+def test_cli_fractional_scale_with_the_default_model_resamples(tmp_path):
+    # no arbitrary-scale model: the default x2 runs, then the result is resampled to round(8 * 1.5) = 12
     src = tmp_path / "in.png"
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 10, 3), np.uint8)).save(src)
     res = subprocess.run(
         [sys.executable, "-m", "esc_stream.cli", "image", str(src), str(tmp_path / "o.png"), "--scale", "1.5"],
         capture_output=True,
         text=True,
     )
-    assert res.returncode == 2
-    assert res.stderr.strip().count("\n") == 0 and "arbitrary-scale" in res.stderr
-    assert not (tmp_path / "o.png").exists()
+    assert res.returncode == 0, res.stderr
+    assert Image.open(tmp_path / "o.png").size == (15, 12)
 
 
-def test_cli_fractional_scale_refused_where_it_cannot_be_honoured(tmp_path, lte_file, capsys):
+def test_cli_fractional_scale_with_fixed_models_and_where_it_is_refused(tmp_path, lte_file, capsys):
+    from tests.media import make_clip
+
     src = tmp_path / "in.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
     torch.manual_seed(0)
     fixed = save_checkpoint(tmp_path / "small_x2.pth", create_model("esc_small", 2))
-    assert main(["image", str(src), str(tmp_path / "o.png"), "--weights", str(fixed), "--scale", "2.5"]) == 2
-    assert "is a x2 ESC model" in capsys.readouterr().err
-    video = Path(__file__).parents[1] / "examples" / "realvideo_demo000.mp4"
-    assert main(["transcode", str(video), str(tmp_path / "o.mkv"), "--weights", str(lte_file), "--scale", "1.5"]) == 2
-    assert "transcode takes 2, 3 or 4" in capsys.readouterr().err
-    assert not (tmp_path / "o.png").exists() and not (tmp_path / "o.mkv").exists()
+    assert main(["image", str(src), str(tmp_path / "o.png"), "--weights", str(fixed), "--scale", "2.5"]) == 0
+    assert Image.open(tmp_path / "o.png").size == (20, 20)
+    assert main(["image", str(src), str(tmp_path / "p.png"), "--weights", str(fixed), "--scale", "3"]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert main(["image", str(src), str(tmp_path / "p.png"), "--scale", "1.5", "--width", "20"]) == 2
+    assert "not both" in capsys.readouterr().err
+    # video: x2 model, then an exact Lanczos resample to even sides (36 * 1.5 = 54, 64 * 1.5 = 96)
+    frames = [np.random.default_rng(i).integers(0, 256, (36, 64, 3), np.uint8) for i in range(2)]
+    clip = make_clip(tmp_path / "c.mkv", frames)
+    out = tmp_path / "o.mkv"
+    assert main(["transcode", str(clip), str(out), "--weights", str(fixed), "--scale", "1.5", "--quiet"]) == 0
+    with av.open(str(out)) as c:
+        assert (c.streams.video[0].width, c.streams.video[0].height) == (96, 54)
+    assert main(["stream", str(clip), str(tmp_path / "s.mkv"), "--scale", "1.5"]) == 2
+    assert "--size" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists() and not (tmp_path / "s.mkv").exists()
     assert main(["info", str(lte_file)]) == 0
     assert "esc_lte (ESCLTE) any scale, 1,433,631 parameters" in capsys.readouterr().out
 
