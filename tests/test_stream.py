@@ -5,6 +5,7 @@ each bounded in time. The stream listens (`?listen=1`) and the test's sender/rec
 so no side can race the other's listen.
 """
 
+import contextlib
 import io
 import random
 import signal
@@ -71,13 +72,17 @@ def _send(path, url: str, fps: float | None = None) -> None:
     """Copy the clip's packets to `url`; with `fps`, paced to the clip's timestamps at `fps`/native speed."""
     with av.open(str(path)) as inp:
         t_end = time.monotonic() + DEADLINE
-        while True:  # FFmpeg connects when the header is written: retry that until the stream listens
-            out = av.open(url, "w", format="mpegts", timeout=DEADLINE)
-            streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
+        while True:  # FFmpeg connects on open or when the header is written: retry both until the stream listens
+            out = None
             try:
+                out = av.open(url, "w", format="mpegts", timeout=DEADLINE)
+                streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
                 out.start_encoding()
                 break
             except (OSError, av.error.FFmpegError):
+                if out is not None:
+                    with contextlib.suppress(Exception):
+                        out.close()
                 if time.monotonic() > t_end:
                     raise
                 time.sleep(0.05)
