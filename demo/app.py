@@ -147,7 +147,7 @@ def build_app(limits: Limits | None = None, workspace: Workspace | None = None) 
         gr.Markdown(INTRO)
         with gr.Accordion("Model and output size", open=True):
             with gr.Row():
-                scale = gr.Radio([2, 3, 4], value=2, label="Scale (default model; ×3/×4 are random weights for now)")
+                scale = gr.Radio([2, 3, 4], value=2, label="Scale (default model; ×3 has none yet: random weights)")
                 checkpoint = gr.File(
                     label="Official checkpoint (optional; its own scale is used)",
                     file_types=CHECKPOINT_EXTENSIONS,

@@ -57,8 +57,9 @@ def evaluate(weights: Path, val_dir: Path, scale: int) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def before_after(weights: Path, val_dir: Path, scale: int, out: Path, crops: int = 3, size: int = 96) -> Path:
-    """A grid of crops: bicubic | model | original, for the README."""
+def before_after(weights: Path, val_dir: Path, scale: int, out: Path, crops: int = 3, hr_size: int = 192) -> Path:
+    """A grid of crops: bicubic | model | original, for the README (the same 192x192 HR regions at any scale)."""
+    size = hr_size // scale
     model, desc = load_model(weights)
     prepare_for_inference(model)
     window = int(desc.config["window_size"])

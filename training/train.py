@@ -303,7 +303,7 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, device: torch.device, log
     hrs = validation_set(cfg) if main else []
     monitor = Monitor(out, log, start_iter=trainer.iter) if main else None
     log_path = out / "log.csv"
-    new_log = not log_path.exists()
+    new_log = not log_path.exists() or log_path.stat().st_size == 0
     best_path = out / "best.txt"
     best = float(best_path.read_text().split()[0]) if best_path.exists() else -math.inf
     with open(log_path, "a", newline="") if main else nullcontext() as f:
