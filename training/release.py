@@ -106,9 +106,9 @@ def finetune_summary(folder: Path) -> dict[str, float]:
             "flicker_before": float(first["flicker"]), "flicker_after": float(last["flicker"])}  # fmt: skip
 
 
-def _replace_block(text: str, name: str, block: str, anchor: str) -> str:
-    """Swap the marked block `name` in the card, or add it under the `anchor` comment the first time."""
-    pattern = re.compile(rf"<!-- {name} -->.*?<!-- end {name} -->", re.S)
+def _replace_block(text: str, start: str, end: str, block: str, anchor: str) -> str:
+    """Swap the block between the `start` and `end` comments, or add it under the `anchor` comment the first time."""
+    pattern = re.compile(rf"<!-- {start} -->.*?<!-- {end} -->", re.S)
     if pattern.search(text):
         return pattern.sub(lambda _: block, text)
     if f"<!-- {anchor} -->" not in text:
@@ -139,16 +139,16 @@ def main() -> None:
     pic = before_after(target, args.val, args.scale, ROOT / "docs" / f"before_after_x{args.scale}.png")
     block = (
         f"<!-- results x{args.scale} -->\n"
-        f"| x{args.scale} | {snapshot} | {hours:.1f} CPU-h (1 thread) | "
+        f"| x{args.scale} | {snapshot} | {hours:.1f} h (1 thread) | "
         f"{m['psnr']:.2f} / {m['ssim']:.4f} | {m['bicubic_psnr']:.2f} / {m['bicubic_ssim']:.4f} | "
         f"{m['psnr'] - m['bicubic_psnr']:+.2f} dB |\n"
         f"<!-- end x{args.scale} -->"
     )
     card = ROOT / "esc_stream" / "weights" / "MODEL_CARD.md"
-    text = _replace_block(card.read_text(), f"results x{args.scale}", block, "results")
+    text = _replace_block(card.read_text(), f"results x{args.scale}", f"end x{args.scale}", block, "results")
     if args.finetune:
         name = f"temporal x{args.scale}"
-        text = _replace_block(text, name, (
+        text = _replace_block(text, name, f"end {name}", (
             f"<!-- {name} -->\n"
             f"| x{args.scale} | {ft['iters']} | {ft['psnr_before']:.2f} → {ft['psnr_after']:.2f} dB | "
             f"{ft['flicker_before']:.3f} → {ft['flicker_after']:.3f} | "
