@@ -353,8 +353,8 @@ def cmd_transcode(args: argparse.Namespace) -> int:
     if result.resumed_from is not None:
         print(f"resumed at {result.resumed_from:.3f} s from {dst}.partial", file=sys.stderr)
     if result.stopped:
-        print(f"esc-video: stopped after {result.frames} frames; partial output kept in {result.output}",
-              file=sys.stderr)  # fmt: skip
+        kept = f"partial output kept in {result.output}" if result.output.exists() else "nothing was written"
+        print(f"esc-video: stopped after {result.frames} frames; {kept}", file=sys.stderr)
         return 130
     print(f"{dst}: {result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps), "
           f"{result.output_bytes / 1e6:.2f} MB")  # fmt: skip

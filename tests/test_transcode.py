@@ -127,6 +127,15 @@ def test_stop_leaves_a_playable_partial_file(tmp_path, up, frames):
     assert 4 <= n < len(frames) * 3
 
 
+def test_stop_before_the_first_frame_writes_nothing_and_says_so(tmp_path, up, frames):
+    src = make_clip(tmp_path / "in.mp4", frames[:3])
+    stop = threading.Event()
+    stop.set()
+    result = transcode(src, tmp_path / "early.mp4", up, stop=stop)
+    assert result.stopped and result.frames == 0 and result.output_bytes == 0
+    assert not (tmp_path / "early.mp4").exists()
+
+
 def test_sigterm_stops_cleanly(tmp_path, wdir, frames):
     src = make_clip(tmp_path / "long.mkv", frames * 40)
     dst = tmp_path / "long_out.mkv"

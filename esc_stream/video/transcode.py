@@ -274,8 +274,10 @@ def _transcode_open(
     if not stopped:
         _finalize(tmp, dst, fmt)
     final = tmp if stopped else dst
+    # stopped before a packet was written: some muxers (MP4) never create the file; nothing to keep then
+    size = final.stat().st_size if final.exists() else 0
     return TranscodeResult(
-        frames, time.perf_counter() - t0, final, final.stat().st_size, bad_spans, stopped, resume[1] if resume else None
+        frames, time.perf_counter() - t0, final, size, bad_spans, stopped, resume[1] if resume else None
     )
 
 
