@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Block, geometric_ensemble
+from .esc import ESCBody
 
 # A query is assigned to the nearest LR pixel of `coord ± half a pixel` after this tiny shift (as the
 # official code does), so a query exactly on a pixel centre picks a well-defined pair of neighbours.
@@ -29,45 +29,8 @@ _EPS_SHIFT = 1e-6
 _CLAMP = 1 - 1e-6
 
 
-class ESCEncoder(nn.Module):
-    """The ESC body (shallow conv, ESC blocks, last conv + skip) returning `dim`-channel LR features."""
-
-    def __init__(
-        self,
-        dim: int = 64,
-        pdim: int = 16,
-        kernel_size: int = 13,
-        n_blocks: int = 5,
-        conv_blocks: int = 5,
-        window_size: int = 32,
-        num_heads: int = 4,
-        exp_ratio: float = 1.25,
-        use_ln: bool = False,
-        proj_ratio: float = 2.0,
-    ) -> None:
-        super().__init__()
-        self.out_dim = dim
-        self.window_size = window_size
-        self.baked = False
-        self.plk_filter = nn.Parameter(torch.empty(pdim, pdim, kernel_size, kernel_size))
-        nn.init.orthogonal_(self.plk_filter)
-        self.proj = nn.Conv2d(3, dim, 3, 1, 1)
-        self.blocks = nn.ModuleList(
-            Block(dim, pdim, conv_blocks, window_size, num_heads, exp_ratio, proj_ratio, use_ln)
-            for _ in range(n_blocks)
-        )
-        self.last = nn.Conv2d(dim, dim, 3, 1, 1)
-
-    def lk_filter(self) -> torch.Tensor:
-        return self.plk_filter if self.baked else geometric_ensemble(self.plk_filter)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feat = self.proj(x)
-        skip = feat
-        lk = self.lk_filter()
-        for block in self.blocks:
-            feat = block(feat, lk)
-        return self.last(feat) + skip
+# The encoder is the ESC body (same keys under `encoder.`), without the pixel-shuffle upsampler.
+ESCEncoder = ESCBody
 
 
 class MLP(nn.Module):
