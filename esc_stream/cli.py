@@ -433,12 +433,8 @@ def _add_stream_parser(sub) -> None:
     p.add_argument("--input-format", help="input container, for inputs FFmpeg cannot recognise (e.g. h264)")
     p.add_argument("--input-option", dest="input_option", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="input/protocol option, repeatable (e.g. listen=1)")  # fmt: skip
-    p.add_argument("-c:v", "--codec", dest="codec", help="video encoder (default libx264, tuned for zero latency)")
-    p.add_argument("--crf", type=_non_negative, help="quality for x264/x265/vp9 (default 18 for x264)")
-    p.add_argument("--preset", help="encoder preset (x264 default here: veryfast)")
-    p.add_argument("--pix-fmt", dest="pix_fmt", help="output pixel format (default: follows the source)")
-    p.add_argument("-e", dest="encoder_option", type=_key_value, action="append", metavar="KEY=VALUE",
-                   help="extra encoder option, repeatable; overrides the low-delay defaults")  # fmt: skip
+    _add_encoder_args(p, codec="default libx264, tuned for zero latency", preset="x264 default here: veryfast",
+                      extra="; overrides the low-delay defaults")  # fmt: skip
     p.add_argument("--realtime", choices=("block", "drop"), default="block",
                    help="upscaling slower than the source: block it (default) or drop the oldest frames")  # fmt: skip
     p.add_argument("--max-latency", type=_positive_seconds, default=2.0,
@@ -451,6 +447,17 @@ def _add_stream_parser(sub) -> None:
     p.add_argument("--stats-every", type=_positive_seconds, default=5.0, help="seconds between stats lines (default 5)")
     p.add_argument("--quiet", action="store_true", help="no stats lines")
     p.set_defaults(func=cmd_stream)
+
+
+def _add_encoder_args(p: argparse.ArgumentParser, codec: str = "default libx264; vp9 for .webm",
+                      preset: str = "x264 default: medium", extra: str = "") -> None:  # fmt: skip
+    """The ffmpeg-named encoder options shared by transcode, stream and batch."""
+    p.add_argument("-c:v", "--codec", dest="codec", help=f"video encoder ({codec})")
+    p.add_argument("--crf", type=_non_negative, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
+    p.add_argument("--preset", help=f"encoder preset ({preset})")
+    p.add_argument("--pix-fmt", dest="pix_fmt", help="output pixel format (default: follows the source)")
+    p.add_argument("-e", dest="encoder_option", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help=f"extra encoder option, repeatable{extra}")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -468,12 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="input video (never written)")
     p.add_argument("output", help="output video; written as OUTPUT.partial, renamed when complete")
     _add_model_args(p)
-    p.add_argument("-c:v", "--codec", dest="codec", help="video encoder (default libx264; vp9 for .webm)")
-    p.add_argument("--crf", type=_non_negative, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
-    p.add_argument("--preset", help="encoder preset (x264 default: medium)")
-    p.add_argument("--pix-fmt", dest="pix_fmt", help="output pixel format (default: follows the source)")
-    p.add_argument("-e", dest="encoder_option", type=_key_value, action="append", metavar="KEY=VALUE",
-                   help="extra encoder option, repeatable")  # fmt: skip
+    _add_encoder_args(p)
     p.add_argument("--no-audio", action="store_true", help="drop audio streams")
     p.add_argument("--no-subtitles", action="store_true", help="drop subtitle streams")
     p.add_argument("--start", type=_seconds, default=0.0, help="start at T (seconds or [HH:]MM:SS[.ms])")

@@ -41,18 +41,13 @@ def add_ray_options(p: argparse.ArgumentParser, *, segments: bool) -> None:
 
 def add_batch_parser(sub: Any) -> None:
     """Register `esc-video batch IN_DIR OUT_DIR`."""
-    from ..cli import _add_model_args, _key_value, _non_negative
+    from ..cli import _add_encoder_args, _add_model_args
 
     p = sub.add_parser("batch", help="upscale every video under a folder (one failure never stops the rest)")
     p.add_argument("input", help="folder to walk (recursively; never written)")
     p.add_argument("output", help="folder for the outputs (same relative paths; created if missing)")
     _add_model_args(p)
-    p.add_argument("-c:v", "--codec", dest="codec", help="video encoder (default libx264; vp9 for .webm)")
-    p.add_argument("--crf", type=_non_negative, help="quality for x264/x265/vp9/av1 (default 18 for x264)")
-    p.add_argument("--preset", help="encoder preset (x264 default: medium)")
-    p.add_argument("--pix-fmt", dest="pix_fmt", help="output pixel format (default: follows the source)")
-    p.add_argument("-e", dest="encoder_option", type=_key_value, action="append", metavar="KEY=VALUE",
-                   help="extra encoder option, repeatable")  # fmt: skip
+    _add_encoder_args(p)
     p.add_argument("--ext", help="output container for every file, e.g. .mkv (default: the input's)")
     p.add_argument("--no-audio", action="store_true", help="drop audio streams")
     p.add_argument("--no-subtitles", action="store_true", help="drop subtitle streams")
