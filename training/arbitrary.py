@@ -28,7 +28,7 @@ from esc_stream.metrics import psnr_y
 from esc_stream.models.lte import make_coord
 from esc_stream.resize import imresize
 
-from .data import load_images, rank_seed
+from .data import SeededSampler, load_images, rank_seed
 from .train import TrainConfig, Trainer, update_ema, validation_set
 
 
@@ -53,7 +53,7 @@ class ArbitraryConfig(TrainConfig):
         return cfg
 
 
-class QuerySampler:
+class QuerySampler(SeededSampler):
     """Random (LR, coord, cell, RGB) batches at one random scale per batch, all drawn from `generator`."""
 
     def __init__(
@@ -67,13 +67,7 @@ class QuerySampler:
         self.images = [im for im in images if min(im.shape[1:]) >= biggest]
         if not self.images:
             raise ValueError(f"no training image is at least {biggest}x{biggest} (lr_patch x scale_max)")
-        self.generator = torch.Generator().manual_seed(0)
-
-    def seed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
-
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(high, (1,), generator=self.generator))
+        super().__init__()
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """inp (B, 3, p, p) in [0, 1]; coord, cell (B, Q, 2) as (y, x) in [-1, 1] units; rgb (B, Q, 3) in [0, 1]."""

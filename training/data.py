@@ -52,7 +52,20 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
-class PatchSampler:
+class SeededSampler:
+    """Samplers draw every random number from their own generator, so a run resumes exactly from its state."""
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(0)
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+
+class PatchSampler(SeededSampler):
     """Random (LR, HR) patch batches from in-memory HR images, with flips and 90-degree rotations.
 
     All randomness comes from `generator`, whose state is saved with the checkpoint so a resumed run draws
@@ -67,13 +80,7 @@ class PatchSampler:
         self.images = [im for im in images if im.shape[1] >= hr_patch and im.shape[2] >= hr_patch]
         if not self.images:
             raise ValueError(f"no training image is at least {hr_patch}x{hr_patch}")
-        self.generator = torch.Generator().manual_seed(0)
-
-    def seed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
-
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(high, (1,), generator=self.generator))
+        super().__init__()
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         hp = self.lr_patch * self.scale
