@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.blocks import Block, ConvAttnWrapper, ConvFFN, WindowAttention, reflect_pad
+from .models.blocks import Block, ConvAttnWrapper, ConvFFN, LayerNorm, WindowAttention, reflect_pad
 from .models.esc_fp import DecomposedConvolutionalAttentionWrapper
 
 # Largest filter spectrum kept per frame size (bytes); tiles are sized to stay under it.
@@ -192,78 +193,214 @@ def _nchw(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2)
 
 
-def _linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """A 1x1 convolution as one GEMM on the NHWC rows."""
-    return F.linear(x, conv.weight.view(conv.weight.shape[0], -1), conv.bias)
+# oneDNN's fused operators (the ones Inductor's freezing passes emit): a GEMM or convolution with GELU or a
+# residual add applied to its output tile while it is still in cache, instead of another pass over memory.
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def conv_ffn(ffn: ConvFFN, x: torch.Tensor) -> torch.Tensor:
-    """ConvFFN on a channels_last tensor; returns channels_last."""
-    h = F.gelu(_linear(_nhwc(x), ffn.proj))
-    d = ffn.dwc(_nchw(h))
-    d = F.gelu(d).add_(_nchw(h))
-    return _nchw(_linear(_nhwc(d), ffn.aggr))
+def _fused(x: torch.Tensor) -> bool:
+    """True where the oneDNN fused operators apply: float32 on the CPU, no autograd graph to record."""
+    return _ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def _gemm(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """(N, in) rows -> (N, out): rows @ weight.T + bias, then GELU (erf) if asked; weight is (out, in)."""
+    if _fused(rows):
+        return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "gelu" if gelu else "none", [], "none")
+    y = F.linear(rows, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+def _gemm_add(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    """A new (N, out) tensor: rows @ weight.T + bias + other."""
+    if _fused(rows):
+        return torch.ops.mkldnn._linear_pointwise.binary(rows, other, weight, bias, "add")
+    return torch.addmm(other if bias is None else other + bias, rows, weight.t())
+
+
+def _conv_gelu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """GELU(conv(x)) for a channels_last x (zero padding, as the models' convolutions)."""
+    if _fused(x):
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "gelu", [], "none"
+        )
+    return F.gelu(conv(x))
+
+
+def _conv_add(x: torch.Tensor, conv: nn.Conv2d, other: torch.Tensor) -> torch.Tensor:
+    """A new tensor conv(x) + other, both channels_last."""
+    if _fused(x):
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
+            "add", None, None, [], None,
+        )  # fmt: skip
+    return conv(x).add_(other)
+
+
+def _weight2d(conv: nn.Conv2d) -> torch.Tensor:
+    return conv.weight.view(conv.weight.shape[0], -1)
+
+
+# The FFNs run on bands of rows whose hidden activations stay under this many bytes, so that the expand
+# GEMM, the depthwise 3x3 and the GEMMs after it read each other's results from cache, not from memory.
+BAND_BYTES = 16 * 2**20
+MIN_BAND_ROWS = 16
+
+
+def _norm_rows(ln: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The channel LayerNorm (or identity) of an NHWC slab."""
+    if isinstance(ln, nn.Identity):
+        return x
+    assert isinstance(ln, LayerNorm)
+    affine = type(ln) is LayerNorm  # not folded into the next 1x1
+    c = x.shape[-1]
+    return F.layer_norm(x, (c,), ln.weight if affine else None, ln.bias if affine else None, ln.eps)
+
+
+def _ffn_bands(ffn: ConvFFN, ln: nn.Module, x: torch.Tensor) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """Band by band, the FFN of ln(x) up to its last 1x1: yields (batch index, first row, end row, d) with
+    d = GELU(dwc(h)) + h, h = GELU(proj(ln(x))), as (rows*W, hidden) NHWC rows. x is NHWC (B, H, W, C).
+
+    Each band is computed from its rows plus one halo row above and below (the 3x3's reach); at the frame's
+    edges there is no halo and the convolution's own zero padding applies, as in the full-frame computation.
+    """
+    b, hh, ww, c = x.shape
+    hid = ffn.proj.weight.shape[0]
+    band = max(MIN_BAND_ROWS, BAND_BYTES // (ww * hid * x.element_size()))
+    w_proj = _weight2d(ffn.proj)
+    for bi in range(b):
+        for r0 in range(0, hh, band):
+            r1 = min(r0 + band, hh)
+            a0, a1 = max(r0 - 1, 0), min(r1 + 1, hh)
+            rows = _norm_rows(ln, x[bi, a0:a1]).reshape(-1, c)
+            h = _nchw(_gemm(rows, w_proj, ffn.proj.bias, gelu=True).view(1, a1 - a0, ww, hid))
+            d = _conv_gelu(h, ffn.dwc)[:, :, r0 - a0 : r1 - a0].add_(h[:, :, r0 - a0 : r1 - a0])
+            yield bi, r0, r1, _nhwc(d).view(-1, hid)
+
+
+def conv_ffn(ffn: ConvFFN, x: torch.Tensor, ln: nn.Module | None = None) -> torch.Tensor:
+    """ConvFFN of ln(x) on a channels_last tensor; returns a new channels_last tensor."""
+    xr = _nhwc(x)
+    out = torch.empty_like(xr)
+    w_out = _weight2d(ffn.aggr)
+    for bi, r0, r1, d in _ffn_bands(ffn, ln or nn.Identity(), xr):
+        out[bi, r0:r1].view(-1, out.shape[-1]).copy_(_gemm(d, w_out, ffn.aggr.bias))
+    return _nchw(out)
+
+
+# Window attention runs on groups of windows whose q/k/v stay under this many bytes, so each group's
+# projections are consumed from cache and no buffer is large enough to be mapped afresh by malloc.
+ATTENTION_CHUNK_BYTES = 8 * 2**20
 
 
 def window_attention_add_(attn: WindowAttention, xn: torch.Tensor, out: torch.Tensor) -> None:
-    """out += attn(xn), both channels_last (B, C, H, W); windows are gathered from the C-channel input."""
+    """out += attn(xn), both channels_last (B, C, H, W); windows are gathered from the C-channel input.
+
+    Windows are taken a group at a time along a row of windows: gather the group's pixels as rows, q/k/v
+    by one GEMM, attention, the output projection, and the add into `out` through a strided view.
+    """
     b, c, h, w = xn.shape
     ws, heads = attn.window_size, attn.num_heads
-    padded = reflect_pad(xn, (-h) % ws, (-w) % ws)
-    hp, wp = padded.shape[-2:]
-    nh, nw = hp // ws, wp // ws
-    rows = _nhwc(padded).view(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, ws * ws, c)
-    qkv = _linear(rows, attn.to_qkv).view(b * nh * nw, ws * ws, 3, heads, c // heads)
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-    bias = attn.attention_bias().to(q.dtype)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b * nh * nw, ws * ws, c)
-    o = _linear(o, attn.to_out).view(b, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
-    res = out.permute(0, 2, 3, 1)
-    if (hp, wp) == (h, w):
-        res.view(b, nh, ws, nw, ws, c).add_(o)
-    else:
-        res.add_(o.reshape(b, hp, wp, c)[:, :h, :w])
+    n = ws * ws
+    padded = _nhwc(reflect_pad(xn, (-h) % ws, (-w) % ws))  # (B, Hp, Wp, C)
+    nh, nw = padded.shape[1] // ws, padded.shape[2] // ws
+    group = max(1, min(nw, ATTENTION_CHUNK_BYTES // (n * 3 * c * xn.element_size())))
+    bias = attn.attention_bias().to(xn.dtype).view(heads, 1, n, n)
+    w_qkv, w_out = _weight2d(attn.to_qkv), _weight2d(attn.to_out)
+    res = out.permute(0, 2, 3, 1)  # (B, H, W, C) view
+    for bi in range(b):
+        for i in range(nh):
+            r0 = i * ws
+            r1 = min(r0 + ws, h)
+            for j0 in range(0, nw, group):
+                j1 = min(j0 + group, nw)
+                g = j1 - j0
+                slab = padded[bi, r0 : r0 + ws, j0 * ws : j1 * ws]  # (ws, g*ws, C)
+                rows = slab.reshape(ws, g, ws, c).transpose(0, 1).reshape(g * n, c)
+                qkv = _gemm(rows, w_qkv, attn.to_qkv.bias).view(g, n, 3, heads, c // heads)
+                # Head-major (heads, windows, N, d): the kernel walks the windows of one head in turn, so
+                # that head's (N, N) bias stays in cache instead of every head's being re-read per window.
+                q, k, v = qkv.permute(2, 3, 0, 1, 4).unbind(0)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (heads, g, N, d)
+                o = _gemm(o.permute(1, 2, 0, 3).reshape(g * n, c), w_out, attn.to_out.bias)
+                o = o.view(g, ws, ws, c).transpose(0, 1).reshape(ws, g * ws, c)
+                c0, c1 = j0 * ws, min(j1 * ws, w)
+                res[bi, r0:r1, c0:c1].add_(o[: r1 - r0, : c1 - c0])
 
 
 class FastConvAttn(nn.Module):
-    """ConvAttn + its 1x1 mixer, accumulated into the residual: x += aggr(cat(lk*h1 + dyn*h1, h2))."""
+    """LayerNorm'd ConvFFN, ConvAttn and its 1x1 mixer as one step: returns x + aggr(cat(lk*h1 + dyn*h1, h2))
+    with h = ffn(xn).
 
-    def __init__(self, wrapper: ConvAttnWrapper, lk: LargeKernelFFT) -> None:
+    The FFN's last 1x1 and the mixer are linear maps in a row, so they are folded where they meet: only the
+    pdim channels h1 (which go through the large kernel) are computed on their own; the mixer's share of the
+    other channels h2 is one GEMM from the FFN's hidden rows with the product matrix, added to the residual
+    with the mixer's and the folded biases in the same pass. The partial channels are never concatenated.
+    """
+
+    w_h1: torch.Tensor
+    b_h1: torch.Tensor
+    w_fold: torch.Tensor
+    b_fold: torch.Tensor
+    w_y1: torch.Tensor
+
+    def __init__(self, ln: nn.Module, wrapper: ConvAttnWrapper, ffn: ConvFFN, lk: LargeKernelFFT) -> None:
         super().__init__()
-        self.plk = wrapper.plk
-        self.aggr = wrapper.aggr
-        self.lk = lk
-
-    def add_(self, h: torch.Tensor, x: torch.Tensor) -> None:
+        self.ln, self.plk, self.ffn, self.lk = ln, wrapper.plk, ffn, lk
         p = self.plk.pdim
-        h1 = h[:, :p]
-        y1 = self.lk(h1, self.plk.dynamic_kernels(h1))  # (B, p, H, W) NCHW
-        weight = self.aggr.weight.view(self.aggr.weight.shape[0], -1)
+        mix, mix_b = _weight2d(wrapper.aggr).double(), wrapper.aggr.bias
+        out, out_b = _weight2d(ffn.aggr).double(), ffn.aggr.bias
+        zeros = torch.zeros(mix.shape[0], dtype=torch.float64, device=mix.device)
+        out_b = zeros[: out.shape[0]] if out_b is None else out_b.double()
+        mix_b = zeros if mix_b is None else mix_b.double()
+        dtype = wrapper.aggr.weight.dtype
+        self.register_buffer("w_h1", out[:p].to(dtype).contiguous(), persistent=False)
+        self.register_buffer("b_h1", out_b[:p].to(dtype).contiguous(), persistent=False)
+        self.register_buffer("w_fold", (mix[:, p:] @ out[p:]).to(dtype).contiguous(), persistent=False)
+        self.register_buffer("b_fold", (mix[:, p:] @ out_b[p:] + mix_b).to(dtype), persistent=False)
+        self.register_buffer("w_y1", mix[:, :p].to(dtype).contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: the residual, channels_last. Returns the new residual (channels_last)."""
         b, c, hh, ww = x.shape
-        rows_x = x.permute(0, 2, 3, 1).view(b, hh * ww, c)
-        rows_h = _nhwc(h).view(b, hh * ww, -1)
+        p = self.plk.pdim
+        xr = _nhwc(x)
+        new = torch.empty_like(xr)
+        h1 = x.new_empty(b, hh, ww, p)
+        for bi, r0, r1, d in _ffn_bands(self.ffn, self.ln, xr):
+            h1[bi, r0:r1].view(-1, p).copy_(_gemm(d, self.w_h1, self.b_h1))
+            res = xr[bi, r0:r1].reshape(-1, c)
+            new[bi, r0:r1].view(-1, c).copy_(_gemm_add(d, self.w_fold, self.b_fold, res))
+        h1n = _nchw(h1)
+        y1 = self.lk(h1n, self.plk.dynamic_kernels(h1n))  # (B, p, H, W) NCHW
+        rows = new.view(b, hh * ww, c)
         for i in range(b):
-            rows_x[i].addmm_(rows_h[i, :, p:], weight[:, p:].t())
-            rows_x[i].addmm_(y1[i].view(p, hh * ww).t(), weight[:, :p].t())
-        if self.aggr.bias is not None:
-            rows_x.add_(self.aggr.bias)
+            rows[i].addmm_(y1[i].view(p, hh * ww).t(), self.w_y1.t())
+        return _nchw(new)
 
 
 class FastDecomposedConvAttn(nn.Module):
-    """ESC-FP's decomposed ConvAttn (1x1 channel mix, then large depthwise + dynamic 3x3) by FFT."""
+    """ESC-FP's LayerNorm'd ConvFFN and decomposed ConvAttn (1x1 channel mix, then large depthwise + dynamic
+    3x3, the large kernel by FFT), returning x + aggr(...)."""
 
     lk_channel: torch.Tensor
 
     def __init__(
-        self, wrapper: DecomposedConvolutionalAttentionWrapper, lk: LargeKernelFFT, lk_channel: torch.Tensor
+        self,
+        ln: nn.Module,
+        wrapper: DecomposedConvolutionalAttentionWrapper,
+        ffn: ConvFFN,
+        lk: LargeKernelFFT,
+        lk_channel: torch.Tensor,
     ) -> None:
         super().__init__()
-        self.plk = wrapper.plk
+        self.ln, self.plk, self.ffn = ln, wrapper.plk, ffn
         self.aggr = wrapper.aggr
         self.lk = lk
         self.register_buffer("lk_channel", lk_channel.detach().clone(), persistent=False)
 
-    def add_(self, h: torch.Tensor, x: torch.Tensor) -> None:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = conv_ffn(self.ffn, x, self.ln)
         p = self.plk.pdim
         h1 = h[:, :p]
         b = h.shape[0]
@@ -271,7 +408,7 @@ class FastDecomposedConvAttn(nn.Module):
         dyn = self.plk.proj(h1).reshape(b * p, 1, d, d)
         y1 = self.lk(F.conv2d(h1, self.lk_channel), dyn)
         y = torch.cat([y1.to(memory_format=torch.channels_last), h[:, p:]], dim=1)
-        x.add_(self.aggr(y))
+        return x.add_(self.aggr(y))
 
 
 class FastBlock(nn.Module):
@@ -282,20 +419,17 @@ class FastBlock(nn.Module):
         super().__init__()
         self.ln_proj, self.proj = block.ln_proj, block.proj
         self.ln_attn, self.attn = block.ln_attn, block.attn
-        self.lns, self.convffns = block.lns, block.convffns
-        self.pconvs = nn.ModuleList(convattns)
+        self.pconvs = nn.ModuleList(convattns)  # each holds its LayerNorm and ConvFFN
         self.ln_out, self.conv_out = block.ln_out, block.conv_out
 
     def forward(self, x: torch.Tensor, *lk: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         skip = x
-        x = conv_ffn(
-            cast(ConvFFN, self.proj), self.ln_proj(x)
-        )  # a new tensor: the in-place adds below never touch `skip`
+        x = conv_ffn(cast(ConvFFN, self.proj), x, self.ln_proj)  # a new tensor: `skip` is never written
         window_attention_add_(cast(WindowAttention, self.attn), self.ln_attn(x), x)
-        for ln, pconv, ffn in zip(self.lns, self.pconvs, self.convffns, strict=True):
-            cast(FastConvAttn | FastDecomposedConvAttn, pconv).add_(conv_ffn(cast(ConvFFN, ffn), ln(x)), x)
-        return self.conv_out(self.ln_out(x)).add_(skip)
+        for pconv in self.pconvs:
+            x = pconv(x)
+        return _conv_add(self.ln_out(x), cast(nn.Conv2d, self.conv_out), skip)
 
 
 def _large_kernel(model: nn.Module) -> tuple[LargeKernelFFT, torch.Tensor | None]:
@@ -318,14 +452,13 @@ def _accelerate_body(body: nn.Module) -> None:
         if not isinstance(block, Block):
             continue
         convattns: list[nn.Module] = []
-        for pconv in block.pconvs:
+        for ln, pconv, ffn in zip(block.lns, block.pconvs, block.convffns, strict=True):
             if isinstance(pconv, ConvAttnWrapper):
-                convattns.append(FastConvAttn(pconv, lk))
+                convattns.append(FastConvAttn(ln, pconv, cast(ConvFFN, ffn), lk))
             else:
                 assert lk_channel is not None
-                convattns.append(
-                    FastDecomposedConvAttn(cast(DecomposedConvolutionalAttentionWrapper, pconv), lk, lk_channel)
-                )
+                wrapper = cast(DecomposedConvolutionalAttentionWrapper, pconv)
+                convattns.append(FastDecomposedConvAttn(ln, wrapper, cast(ConvFFN, ffn), lk, lk_channel))
         blocks[i] = FastBlock(block, convattns)
     body.large_kernel = lk  # type: ignore[assignment]
 

@@ -99,6 +99,27 @@ def test_accelerated_model_equals_reference(variant, scale, size, batch, overrid
     assert (out_cl - ref).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_bands_window_groups_and_unfused_fallback_equal_reference(monkeypatch, fused):
+    """Several row bands (odd heights, a 1-row last band), one window per attention group, with and
+    without oneDNN's fused operators: still the reference function; the bias stays contiguous."""
+    import esc_stream.fast as fast
+
+    monkeypatch.setattr(fast, "BAND_BYTES", 1)
+    monkeypatch.setattr(fast, "MIN_BAND_ROWS", 6)
+    monkeypatch.setattr(fast, "ATTENTION_CHUNK_BYTES", 1)
+    monkeypatch.setattr(fast, "_ONEDNN", fused and fast._ONEDNN)
+    model = _seeded("esc_light", 2, n_blocks=1, conv_blocks=2)
+    x = torch.rand(2, 3, 37, 75, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref = model(x)
+        out = accelerate(model).to(memory_format=torch.channels_last)(x)
+    assert (out - ref).abs().max() <= TOL
+    for m in model.modules():
+        if hasattr(m, "_bias_cache") and m._bias_cache is not None:
+            assert m._bias_cache.is_contiguous()
+
+
 def test_accelerated_model_matches_official_golden():
     golden = np.load(DATA / "golden" / "esc_light_x2.npz")
     model = create_model("esc_light", 2)

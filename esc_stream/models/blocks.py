@@ -99,8 +99,8 @@ class WindowAttention(nn.Module):
 
     def _apply(self, fn, recurse=True):  # keep the cached bias on the module's device/dtype
         super()._apply(fn, recurse)
-        if self._bias_cache is not None:
-            self._bias_cache = fn(self._bias_cache)
+        if self._bias_cache is not None:  # contiguous: `model.to(memory_format=channels_last)` must not
+            self._bias_cache = fn(self._bias_cache).contiguous()  # leave attention a bias to copy per call
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
