@@ -54,6 +54,9 @@ def test_fft_dense_conv_equals_direct(max_fft, symmetric):
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= TOL
     assert (lk(x) - F.conv2d(x, w, padding=6)).abs().max() <= TOL
+    x_nhwc = x.permute(0, 2, 3, 1)  # the NHWC entry (its own transform layout for real spectra)
+    assert (lk.conv_nhwc(x_nhwc, dyn) - ref.permute(0, 2, 3, 1)).abs().max() <= TOL
+    assert (lk.conv_nhwc(x_nhwc) - F.conv2d(x, w, padding=6).permute(0, 2, 3, 1)).abs().max() <= TOL
     if max_fft:
         plan = lk.plan(37, 53, torch.float32, torch.device("cpu"))
         assert plan.rows.tiles > 1 and plan.cols.tiles > 1
