@@ -327,43 +327,54 @@ def conv_ffn(ffn: ConvFFN, x: torch.Tensor, ln: nn.Module | None = None) -> torc
     return _nchw(out)
 
 
-# Window attention runs on groups of windows whose q/k/v stay under this many bytes, so each group's
-# projections are consumed from cache and no buffer is large enough to be mapped afresh by malloc.
-ATTENTION_CHUNK_BYTES = 8 * 2**20
+# Window attention runs on groups of windows whose q/k/v stay under this many bytes: few enough calls that
+# the attention kernel's per-call cost does not show (measured best at 20-30 windows of 32x32 per call),
+# and bounded memory at any frame size.
+ATTENTION_CHUNK_BYTES = 24 * 2**20
 
 
-def window_attention_add_(attn: WindowAttention, xn: torch.Tensor, out: torch.Tensor) -> None:
-    """out += attn(xn), both channels_last (B, C, H, W); windows are gathered from the C-channel input.
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    """[0, n) in `parts` nearly equal consecutive ranges."""
+    edges = [round(k * n / parts) for k in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
-    Windows are taken a group at a time along a row of windows: gather the group's pixels as rows, q/k/v
-    by one GEMM, attention, the output projection, and the add into `out` through a strided view.
+
+def window_attention_add_(attn: WindowAttention, ln: nn.Module, x: torch.Tensor) -> None:
+    """x += attn(ln(x)) for a channels_last (B, C, H, W) x; windows are gathered from the C-channel input and
+    normalised as they are gathered (LayerNorm is per pixel, so it commutes with the reflect padding).
+
+    Windows are taken a block at a time (whole rows of windows, or part of a row on wide frames): gather
+    the block's pixels as rows, q/k/v by one GEMM, attention, the output projection, and the add into x.
     """
-    b, c, h, w = xn.shape
+    b, c, h, w = x.shape
     ws, heads = attn.window_size, attn.num_heads
     n = ws * ws
-    padded = _nhwc(reflect_pad(xn, (-h) % ws, (-w) % ws))  # (B, Hp, Wp, C)
+    padded = _nhwc(reflect_pad(x, (-h) % ws, (-w) % ws))  # (B, Hp, Wp, C); x itself when no padding
     nh, nw = padded.shape[1] // ws, padded.shape[2] // ws
-    group = max(1, min(nw, ATTENTION_CHUNK_BYTES // (n * 3 * c * xn.element_size())))
-    bias = attn.attention_bias().to(xn.dtype).view(heads, 1, n, n)
+    group = max(1, ATTENTION_CHUNK_BYTES // (n * 3 * c * x.element_size()))
+    if group >= nw:
+        row_blocks, col_blocks = _split(nh, math.ceil(nh / (group // nw))), [(0, nw)]
+    else:
+        row_blocks, col_blocks = _split(nh, nh), _split(nw, math.ceil(nw / group))
+    bias = attn.attention_bias().to(x.dtype).view(heads, 1, n, n)
     w_qkv, w_out = _weight2d(attn.to_qkv), _weight2d(attn.to_out)
-    res = out.permute(0, 2, 3, 1)  # (B, H, W, C) view
+    res = x.permute(0, 2, 3, 1)  # (B, H, W, C) view; windows do not overlap, so adding a block's result
+    # into x never changes what a later block reads
     for bi in range(b):
-        for i in range(nh):
-            r0 = i * ws
-            r1 = min(r0 + ws, h)
-            for j0 in range(0, nw, group):
-                j1 = min(j0 + group, nw)
-                g = j1 - j0
-                slab = padded[bi, r0 : r0 + ws, j0 * ws : j1 * ws]  # (ws, g*ws, C)
-                rows = slab.reshape(ws, g, ws, c).transpose(0, 1).reshape(g * n, c)
-                qkv = _gemm(rows, w_qkv, attn.to_qkv.bias).view(g, n, 3, heads, c // heads)
+        for i0, i1 in row_blocks:
+            for j0, j1 in col_blocks:
+                kr, kc = i1 - i0, j1 - j0
+                slab = padded[bi, i0 * ws : i1 * ws, j0 * ws : j1 * ws]  # (kr*ws, kc*ws, C)
+                rows = _norm_rows(ln, slab.reshape(kr, ws, kc, ws, c).transpose(1, 2).reshape(kr * kc * n, c))
+                qkv = _gemm(rows, w_qkv, attn.to_qkv.bias).view(kr * kc, n, 3, heads, c // heads)
                 # Head-major (heads, windows, N, d): the kernel walks the windows of one head in turn, so
                 # that head's (N, N) bias stays in cache instead of every head's being re-read per window.
                 q, k, v = qkv.permute(2, 3, 0, 1, 4).unbind(0)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (heads, g, N, d)
-                o = _gemm(o.permute(1, 2, 0, 3).reshape(g * n, c), w_out, attn.to_out.bias)
-                o = o.view(g, ws, ws, c).transpose(0, 1).reshape(ws, g * ws, c)
-                c0, c1 = j0 * ws, min(j1 * ws, w)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (heads, windows, N, d)
+                o = _gemm(o.permute(1, 2, 0, 3).reshape(kr * kc * n, c), w_out, attn.to_out.bias)
+                o = o.view(kr, kc, ws, ws, c).transpose(1, 2).reshape(kr * ws, kc * ws, c)
+                r0, c0 = i0 * ws, j0 * ws
+                r1, c1 = min(i1 * ws, h), min(j1 * ws, w)
                 res[bi, r0:r1, c0:c1].add_(o[: r1 - r0, : c1 - c0])
 
 
@@ -469,7 +480,7 @@ class FastBlock(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         skip = x
         x = conv_ffn(cast(ConvFFN, self.proj), x, self.ln_proj)  # a new tensor: `skip` is never written
-        window_attention_add_(cast(WindowAttention, self.attn), self.ln_attn(x), x)
+        window_attention_add_(cast(WindowAttention, self.attn), self.ln_attn, x)
         for pconv in self.pconvs:
             x = pconv(x)
         return _conv_add(self.ln_out(x), cast(nn.Conv2d, self.conv_out), skip)
