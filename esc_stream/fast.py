@@ -39,6 +39,8 @@ from .models.esc_fp import DecomposedConvolutionalAttentionWrapper
 
 # Largest filter spectrum kept per frame size (bytes); tiles are sized to stay under it.
 SPECTRUM_BUDGET = 48 * 2**20
+# The NHWC path transforms tiles in groups with at most this many bytes of spectrum (cache-sized).
+FFT_GROUP_BYTES = 8 * 2**20
 # Spectra kept for the most recent frame sizes (tiles at frame borders have their own sizes).
 CACHE_SIZES = 32
 CACHE_BYTES = 4 * SPECTRUM_BUDGET
@@ -192,31 +194,38 @@ class LargeKernelFFT:
         For a dense kernel with a real spectrum the transforms run over the two spatial axes of
         (H, W, C, tiles) arrays, so each frequency's channels and tiles are already one (C, 2*tiles) real
         matrix: the mixing is one batched GEMM with the (C, O) spectrum, and the only copies are of
-        (frequency, 2*tiles, O) products, not of whole spectra."""
+        (frequency, 2*tiles, O) products, not of whole spectra. Tiles go through in groups along a row of
+        tiles (FFT_GROUP_BYTES of spectrum at most), so a large frame's spectra never leave the cache."""
         if not (self.mode == "dense" and self.real and x.dtype in (torch.float32, torch.float64)):
             return self(x.permute(0, 3, 1, 2), dyn).permute(0, 2, 3, 1).contiguous()
-        b, h, w, _ = x.shape
-        x0 = x
+        b, h, w, ci = x.shape
         p = self.plan(h, w, x.dtype, x.device)
         r, c, pad, halo = p.rows, p.cols, self.k // 2, self.k - 1
         o = p.spectrum.shape[2]
-        x = F.pad(x, (0, 0, pad, c.tiles * c.core - w + pad, pad, r.tiles * r.core - h + pad))
-        tiles = x.unfold(1, r.core + halo, r.core).unfold(2, c.core + halo, c.core)  # (B, ty, tx, C, th, tw)
-        tiles = tiles.permute(0, 4, 5, 3, 1, 2)  # (B, th, tw, C, ty, tx)
-        spec_x = torch.fft.rfft2(tiles, s=(r.nfft, c.nfft), dim=(1, 2)).contiguous()  # (B, Fh, Fw, C, ty, tx)
-        fh, fw = spec_x.shape[1:3]
-        nt = r.tiles * c.tiles
+        fh, fw = r.nfft, c.nfft // 2 + 1
+        group = max(1, FFT_GROUP_BYTES // (fh * fw * ci * 2 * x.element_size()))
         out = x.new_empty(b, h, w, o)
         for i in range(b):
-            xi = torch.view_as_real(spec_x[i]).view(fh * fw, -1, 2 * nt)  # (F, C, 2*tiles) real
-            yi = torch.bmm(xi.transpose(1, 2), p.spectrum).transpose(1, 2).contiguous()  # (F, O, 2*tiles)
-            yi = torch.view_as_complex(yi.view(fh * fw, o, nt, 2))
-            y = torch.fft.irfft2(yi.view(fh, fw, o, r.tiles, c.tiles), s=(r.nfft, c.nfft), dim=(0, 1))
-            y = y[pad : pad + r.core, pad : pad + c.core].permute(3, 0, 4, 1, 2)  # (ty, core_r, tx, core_c, O)
-            out[i].copy_(y.reshape(r.tiles * r.core, c.tiles * c.core, o)[:h, :w])
+            for ty in range(r.tiles):
+                y0, y1 = ty * r.core, min((ty + 1) * r.core, h)
+                for tx0 in range(0, c.tiles, group):
+                    tx1 = min(tx0 + group, c.tiles)
+                    nt = tx1 - tx0
+                    ra, rb, ca, cb = y0 - pad, y0 + r.core + pad, tx0 * c.core - pad, tx1 * c.core + pad
+                    slab = x[i, max(ra, 0) : min(rb, h), max(ca, 0) : min(cb, w)]
+                    slab = F.pad(slab, (0, 0, max(ca, 0) - ca, cb - min(cb, w), max(ra, 0) - ra, rb - min(rb, h)))
+                    tiles = slab.unfold(1, c.core + halo, c.core).permute(0, 3, 2, 1)  # (th, tw, C, nt)
+                    spec = torch.fft.rfft2(tiles, s=(r.nfft, c.nfft), dim=(0, 1)).contiguous()  # (Fh, Fw, C, nt)
+                    xs = torch.view_as_real(spec).view(fh * fw, ci, 2 * nt)
+                    ys = torch.bmm(xs.transpose(1, 2), p.spectrum).transpose(1, 2).contiguous()  # (F, O, 2*nt)
+                    yc = torch.view_as_complex(ys.view(fh * fw, o, nt, 2)).view(fh, fw, o, nt)
+                    yt = torch.fft.irfft2(yc, s=(r.nfft, c.nfft), dim=(0, 1))[pad : pad + r.core, pad : pad + c.core]
+                    x1 = min(tx1 * c.core, w)
+                    blk = yt.permute(0, 3, 1, 2).reshape(r.core, nt * c.core, o)  # (core_r, nt*core_c, O)
+                    out[i, y0:y1, tx0 * c.core : x1].copy_(blk[: y1 - y0, : x1 - tx0 * c.core])
         if dyn is not None:  # O == C: the small per-sample depthwise kernel, directly on the NHWC data
             for i in range(b):
-                xi = x0[i : i + 1].permute(0, 3, 1, 2)  # channels_last NCHW view
+                xi = x[i : i + 1].permute(0, 3, 1, 2)  # channels_last NCHW view
                 k = dyn.view(b, o, 1, self.dyn_size, self.dyn_size)[i]
                 out[i].add_(F.conv2d(xi, k, padding=self.dyn_size // 2, groups=o)[0].permute(1, 2, 0))
         return out

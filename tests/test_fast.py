@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from seeded_weights import seeded_state_dict
 
+import esc_stream.fast as fast
 from esc_stream.backends import BackendError, build_network
 from esc_stream.checkpoints import ModelDescriptor
 from esc_stream.fast import FastBlock, LargeKernelFFT, accelerate, next_fast_even, plan_axis
@@ -57,6 +58,9 @@ def test_fft_dense_conv_equals_direct(max_fft, symmetric):
     x_nhwc = x.permute(0, 2, 3, 1)  # the NHWC entry (its own transform layout for real spectra)
     assert (lk.conv_nhwc(x_nhwc, dyn) - ref.permute(0, 2, 3, 1)).abs().max() <= TOL
     assert (lk.conv_nhwc(x_nhwc) - F.conv2d(x, w, padding=6).permute(0, 2, 3, 1)).abs().max() <= TOL
+    with pytest.MonkeyPatch.context() as mp:  # one tile per transform group
+        mp.setattr(fast, "FFT_GROUP_BYTES", 1)
+        assert (lk.conv_nhwc(x_nhwc, dyn) - ref.permute(0, 2, 3, 1)).abs().max() <= TOL
     if max_fft:
         plan = lk.plan(37, 53, torch.float32, torch.device("cpu"))
         assert plan.rows.tiles > 1 and plan.cols.tiles > 1
@@ -106,8 +110,6 @@ def test_accelerated_model_equals_reference(variant, scale, size, batch, overrid
 def test_bands_window_groups_and_unfused_fallback_equal_reference(monkeypatch, fused):
     """Several row bands (odd heights, a 1-row last band), one window per attention group, with and
     without oneDNN's fused operators: still the reference function; the bias stays contiguous."""
-    import esc_stream.fast as fast
-
     monkeypatch.setattr(fast, "BAND_BYTES", 1)
     monkeypatch.setattr(fast, "MIN_BAND_ROWS", 6)
     monkeypatch.setattr(fast, "ATTENTION_CHUNK_BYTES", 1)
