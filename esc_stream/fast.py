@@ -8,13 +8,24 @@
   per frame size (in float64, by DFT matrices) and reused by every layer. Because the baked filter is the
   mean over the 8 symmetries of the square, its spectrum with centred phase is real, so the per-frequency
   channel mixing is a real batched matmul (half the bytes of a complex one).
-- **Dynamic 3x3 merged.** The instance-dependent depthwise 3x3 kernel is added in the frequency domain
-  (its spectrum is two tiny DFT-matrix products), as ESC-FP merges it into its large kernel.
-- **No concatenation.** ConvAttn's 1x1 mixer is split by input channels and accumulated (GEMMs) straight
-  into the residual stream, so the partial channels are never copied back into a full tensor.
-- **Contiguous windows.** Window attention partitions the 64-channel input once (not the 192-channel qkv),
-  runs the qkv/out projections as GEMMs on window-major rows and adds the result into the residual through
-  a strided view, so no un-partition copy is made.
+  `LargeKernelFFT.conv_nhwc` (the ESC path) transforms NHWC (H, W, C, tiles) arrays over their spatial
+  axes, so a frequency's channels and tiles are already the mixing GEMM's operand (no spectrum transposes),
+  a cache-sized group of tiles at a time.
+- **Dynamic 3x3.** The instance-dependent depthwise 3x3 kernel is a small depthwise convolution beside the
+  FFT on the NHWC path; the NCHW path (ESC-FP's decomposed kernel, other layouts) adds it in the frequency
+  domain (its spectrum is two tiny DFT-matrix products).
+- **oneDNN fused operators.** 1x1s are GEMMs with GELU or the residual add in their epilogue
+  (`mkldnn::_linear_pointwise`), the depthwise 3x3 carries its GELU and `conv_out` its residual
+  (`mkldnn::_convolution_pointwise`); elsewhere (other dtypes, autograd) the plain operators run.
+- **FFNs in row bands.** Each ConvFFN runs on bands of rows (one halo row each side for its 3x3), so its
+  expand GEMM, depthwise 3x3 and the GEMMs after it read each other's results from cache.
+- **Folded 1x1s, no concatenation.** The FFN's last 1x1 and ConvAttn's 1x1 mixer are consecutive linear maps:
+  only the pdim large-kernel channels are computed on their own, the mixer's share of the rest is one GEMM
+  with the product matrix, and the partial channels are never copied back into a full tensor. The residual
+  is updated in place, band by band.
+- **Window attention in blocks** of windows: gather the 64-channel input (LayerNorm applied as gathered), the
+  qkv GEMM, `scaled_dot_product_attention` head-major (one head's bias stays in cache across windows), the
+  output GEMM, and the add into the residual through a strided view; no un-partition copy.
 - **channels_last end to end**: every 1x1 convolution is a GEMM on the NHWC view; 3x3 convolutions stay
   oneDNN calls on channels_last tensors.
 """
