@@ -1,6 +1,7 @@
 """Video training data (real and synthetic motion clips) and the temporal loss / flicker metric."""
 
 import numpy as np
+import pytest
 import torch
 from media import SHARED, demo_frames, make_clip
 
@@ -29,6 +30,13 @@ def test_frame_sequences_from_folder_and_video(tmp_path, shared_data):
     video = make_clip(tmp_path / "v.mkv", demo_frames(5, (96, 64)))
     seq = FrameSequence(video)
     assert len(seq.frames) == 5 and seq.frames[0].shape == (3, 64, 96)
+
+
+def test_clips_larger_than_the_frames_are_one_clear_error(shared_data):
+    seq = FrameSequence(SHARED / "realvideo_demo000", limit=3)
+    _, h, w = seq.frames[0].shape
+    with pytest.raises(ValueError, match=f"do not fit {w}x{h} frames: lower lr_patch"):
+        seq.clip(2, h + 2, torch.Generator().manual_seed(0))
 
 
 def test_clip_sampler_pairs(shared_data):

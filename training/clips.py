@@ -82,6 +82,8 @@ class FrameSequence:
             raise ValueError(f"need {frames} frames, have {len(self.frames)}")
         start = int(torch.randint(len(self.frames) - frames + 1, (1,), generator=gen))
         _, h, w = self.frames[0].shape
+        if size > min(h, w):
+            raise ValueError(f"clip crops of {size}x{size} do not fit {w}x{h} frames: lower lr_patch")
         y = int(torch.randint(h - size + 1, (1,), generator=gen))
         x = int(torch.randint(w - size + 1, (1,), generator=gen))
         clip = torch.stack([f[:, y : y + size, x : x + size] for f in self.frames[start : start + frames]])

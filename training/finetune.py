@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.iters:
         cfg.iters = args.iters
-    finetune(cfg, log=lambda s: print(s, flush=True))
+    try:
+        finetune(cfg, log=lambda s: print(s, flush=True))
+    except ValueError as exc:  # data that cannot make the configured clips
+        print(f"finetune: {exc}")
+        return 2
     return 0
 
 
