@@ -98,7 +98,7 @@ class TrainConfig:
         if "betas" in flat:
             flat["betas"] = tuple(flat["betas"])
         if flat.get("amp", "") not in ("", "bf16"):
-            raise ValueError(f"{path}: amp must be \"bf16\" or \"\" (off), not {flat['amp']!r}")
+            raise ValueError(f'{path}: amp must be "bf16" or "" (off), not {flat["amp"]!r}')
         return cls(**flat)
 
 
