@@ -24,8 +24,10 @@
   with the product matrix, and the partial channels are never copied back into a full tensor. The residual
   is updated in place, band by band.
 - **Window attention in blocks** of windows: gather the 64-channel input (LayerNorm applied as gathered), the
-  qkv GEMM, `scaled_dot_product_attention` head-major (one head's bias stays in cache across windows), the
-  output GEMM, and the add into the residual through a strided view; no un-partition copy.
+  qkv GEMM, attention, the output GEMM, and the add into the residual through a strided view; no
+  un-partition copy. Attention is the AVX-512 kernel of `esc_stream.native` where it builds (q/k/v read from
+  the GEMM's rows, heads written side by side), else `scaled_dot_product_attention` head-major (one head's
+  bias stays in cache across windows).
 - **channels_last end to end**: every 1x1 convolution is a GEMM on the NHWC view; 3x3 convolutions stay
   oneDNN calls on channels_last tensors.
 """
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .models.blocks import Block, ConvAttnWrapper, ConvFFN, LayerNorm, WindowAttention, reflect_pad
 from .models.esc_fp import DecomposedConvolutionalAttentionWrapper
 
@@ -351,12 +354,26 @@ def conv_ffn(ffn: ConvFFN, x: torch.Tensor, ln: nn.Module | None = None) -> torc
 # the attention kernel's per-call cost does not show (measured best at 20-30 windows of 32x32 per call),
 # and bounded memory at any frame size.
 ATTENTION_CHUNK_BYTES = 24 * 2**20
+# The AVX-512 kernel of esc_stream.native where it builds (False: always scaled_dot_product_attention).
+NATIVE_ATTENTION = True
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
     """[0, n) in `parts` nearly equal consecutive ranges."""
     edges = [round(k * n / parts) for k in range(parts + 1)]
     return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+def _native_bias(attn: WindowAttention, bias: torch.Tensor) -> torch.Tensor:
+    """The bias in the native kernel's form; kept on the module while its frozen bias stays the same."""
+    frozen = attn._bias_cache
+    cached = attn.__dict__.get("_native_bias")
+    if frozen is not None and cached is not None and cached[0] is frozen:
+        return cached[1]
+    bias2 = native.log2_bias(bias)
+    if frozen is not None:
+        attn.__dict__["_native_bias"] = (frozen, bias2)
+    return bias2
 
 
 def window_attention_add_(attn: WindowAttention, ln: nn.Module, x: torch.Tensor) -> None:
@@ -378,6 +395,8 @@ def window_attention_add_(attn: WindowAttention, ln: nn.Module, x: torch.Tensor)
         row_blocks, col_blocks = _split(nh, nh), _split(nw, math.ceil(nw / group))
     bias = attn.attention_bias().to(x.dtype).view(heads, 1, n, n)
     w_qkv, w_out = _weight2d(attn.to_qkv), _weight2d(attn.to_out)
+    use_native = NATIVE_ATTENTION and native.supports(x, c, heads, n)
+    bias2 = _native_bias(attn, bias) if use_native else None
     res = x.permute(0, 2, 3, 1)  # (B, H, W, C) view; windows do not overlap, so adding a block's result
     # into x never changes what a later block reads
     for bi in range(b):
@@ -386,12 +405,16 @@ def window_attention_add_(attn: WindowAttention, ln: nn.Module, x: torch.Tensor)
                 kr, kc = i1 - i0, j1 - j0
                 slab = padded[bi, i0 * ws : i1 * ws, j0 * ws : j1 * ws]  # (kr*ws, kc*ws, C)
                 rows = _norm_rows(ln, slab.reshape(kr, ws, kc, ws, c).transpose(1, 2).reshape(kr * kc * n, c))
-                qkv = _gemm(rows, w_qkv, attn.to_qkv.bias).view(kr * kc, n, 3, heads, c // heads)
-                # Head-major (heads, windows, N, d): the kernel walks the windows of one head in turn, so
-                # that head's (N, N) bias stays in cache instead of every head's being re-read per window.
-                q, k, v = qkv.permute(2, 3, 0, 1, 4).unbind(0)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (heads, windows, N, d)
-                o = _gemm(o.permute(1, 2, 0, 3).reshape(kr * kc * n, c), w_out, attn.to_out.bias)
+                qkv = _gemm(rows, w_qkv, attn.to_qkv.bias)
+                if bias2 is not None:  # AVX-512 kernel: reads q/k/v from these rows, writes (rows, C)
+                    o = native.window_attention(qkv, bias2, heads, n, (c // heads) ** -0.5)
+                else:
+                    # Head-major (heads, windows, N, d): the kernel walks the windows of one head in turn, so
+                    # that head's (N, N) bias stays in cache instead of every head's being re-read per window.
+                    q, k, v = qkv.view(kr * kc, n, 3, heads, c // heads).permute(2, 3, 0, 1, 4).unbind(0)
+                    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (heads, windows, N, d)
+                    o = o.permute(1, 2, 0, 3).reshape(kr * kc * n, c)
+                o = _gemm(o, w_out, attn.to_out.bias)
                 o = o.view(kr, kc, ws, ws, c).transpose(1, 2).reshape(kr * ws, kc * ws, c)
                 r0, c0 = i0 * ws, j0 * ws
                 r1, c1 = min(i1 * ws, h), min(j1 * ws, w)

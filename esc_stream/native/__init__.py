@@ -1,0 +1,166 @@
+"""Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
+
+`window_attention` is exact fp32 window attention for head size 16 on AVX-512 CPUs (window_attention.c):
+about 1.5x `scaled_dot_product_attention` on the same thread count (benchmarks/cpu_speed.py). Nothing here
+is required: when the CPU lacks AVX-512, no compiler is found, the build fails, or ESC_STREAM_NATIVE=0 is set,
+`available()` is False and callers keep their PyTorch path. The shared object is cached per source and
+compiler under $ESC_STREAM_CACHE (default ~/.cache/esc-stream), written to a temporary name and renamed,
+so concurrent processes never load a half-written file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("window_attention.c")
+HEAD_SIZE = 16  # the kernel's head size (every published ESC variant uses 16)
+QUERY_BLOCK = 8  # tokens per window must be a multiple of this and of 16
+LOG2E = 1.0 / math.log(2.0)
+_FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mfma", "-shared", "-fPIC", "-DNDEBUG"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512f" in flags and " avx512dq" in flags
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ESC_STREAM_CACHE") or Path.home() / ".cache" / "esc-stream") / "native"
+
+
+def _build() -> Path:
+    """Compile the kernel into the cache (when not there yet); returns the shared object's path."""
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    if shutil.which(cc[0]) is None:
+        raise RuntimeError("no C compiler")
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cc + _FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"window_attention-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".window_attention-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([*cc, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compile failed")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[return-value]
+        lib = None
+        reason = ""
+        if os.environ.get("ESC_STREAM_NATIVE", "1") == "0":
+            reason = "disabled by ESC_STREAM_NATIVE=0"
+        elif not sys.platform.startswith("linux") or not _cpu_has_avx512():
+            reason = "the CPU has no AVX-512 (or this is not Linux)"
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                fn = lib.esc_window_attention
+                fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+                fn.restype = ctypes.c_int
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                lib, reason = None, f"build failed: {exc}"
+        _state["lib"], _state["reason"] = lib, reason
+        return lib
+
+
+def available() -> bool:
+    """True when the native window attention can run on this machine (compiles it on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str:
+    _load()
+    return str(_state.get("reason", ""))
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    pool = _state.get("pool")
+    if pool is None or _state.get("workers") != workers:
+        if pool is not None:
+            pool.shutdown(wait=False)  # type: ignore[attr-defined]
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="esc-attn")
+        _state["pool"], _state["workers"] = pool, workers
+    return pool  # type: ignore[return-value]
+
+
+def supports(x: torch.Tensor, channels: int, heads: int, tokens: int) -> bool:
+    """Whether `window_attention` handles attention over `x`'s features (fp32 CPU, no autograd, head size
+    16, whole query blocks); compiles the kernel on the first call."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and channels == heads * HEAD_SIZE
+        and tokens % 16 == 0
+        and available()
+    )
+
+
+def log2_bias(bias: torch.Tensor) -> torch.Tensor:
+    """The (heads, N, N) attention bias as the kernel wants it: contiguous fp32, multiplied by log2(e)."""
+    return (bias.reshape(-1, bias.shape[-2], bias.shape[-1]).float() * LOG2E).contiguous()
+
+
+def window_attention(qkv: torch.Tensor, bias2: torch.Tensor, heads: int, tokens: int, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ · scale + bias) v per window and head.
+
+    qkv: (windows * tokens, 3 * heads * 16) rows of the fused projection ([q heads | k heads | v heads]);
+    bias2: `log2_bias` of the (heads, tokens, tokens) bias. Returns (windows * tokens, heads * 16), each head's
+    output in its own 16 columns, ready for the output projection. Work is split over torch's thread count.
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native window attention unavailable: {unavailable_reason()}")
+    qkv = qkv.contiguous()
+    if bias2.shape != (heads, tokens, tokens) or not bias2.is_contiguous() or bias2.dtype != torch.float32:
+        raise ValueError("bias2 must be a contiguous fp32 (heads, tokens, tokens) tensor (see log2_bias)")
+    channels = heads * HEAD_SIZE
+    windows = qkv.shape[0] // tokens
+    out = torch.empty(qkv.shape[0], channels, dtype=qkv.dtype)
+    args = (qkv.data_ptr(), bias2.data_ptr(), out.data_ptr(), channels, tokens)
+    scale2 = float(scale) * LOG2E
+    # Threads split the heads when there are enough (each then reads only its heads' bias), else the windows.
+    workers = max(1, min(torch.get_num_threads(), heads * windows))
+    if workers >= 2 and heads % workers == 0:
+        parts = [(0, windows, h * heads // workers, (h + 1) * heads // workers) for h in range(workers)]
+    else:
+        edges = [round(i * windows / workers) for i in range(workers + 1)]
+        parts = [(a, b, 0, heads) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+    fn = lib.esc_window_attention
+    if len(parts) == 1:
+        codes = [fn(*args, *parts[0], scale2)]
+    else:  # ctypes releases the GIL for the call, so the parts run in parallel
+        codes = list(_pool(len(parts)).map(lambda p: fn(*args, *p, scale2), parts))
+    if any(codes):
+        raise MemoryError("native window attention: out of memory for its work buffers")
+    return out

@@ -1,0 +1,89 @@
+"""The native AVX-512 window attention: equal to scaled_dot_product_attention, and optional."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from esc_stream import fast, native
+from esc_stream.models import create_model
+from esc_stream.reparam import prepare_for_inference
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"no native kernel: {native.unavailable_reason()}")
+
+
+def _reference(qkv, bias, heads, tokens):
+    windows = qkv.shape[0] // tokens
+    q, k, v = qkv.view(windows, tokens, 3, heads, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])  # (windows, heads, N, 16)
+    return out.permute(0, 2, 1, 3).reshape(windows * tokens, heads * 16)
+
+
+@needs_native
+@pytest.mark.parametrize("windows,heads,tokens", [(1, 4, 1024), (3, 3, 256), (5, 4, 256), (2, 1, 16)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("spread", [1.0, 40.0])
+def test_kernel_equals_sdpa(windows, heads, tokens, threads, spread):
+    g = torch.Generator().manual_seed(windows * 100 + heads)
+    qkv = torch.randn(windows * tokens, 3 * heads * 16, generator=g) * spread**0.5
+    bias = torch.randn(heads, tokens, tokens, generator=g) * spread  # large spreads: the max is subtracted
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = native.window_attention(qkv, native.log2_bias(bias), heads, tokens, 16**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    exact = _reference(qkv.double(), bias.double(), heads, tokens)
+    sdpa_error = (_reference(qkv, bias, heads, tokens) - exact).abs().max().item()
+    assert ours.shape == exact.shape
+    # as close to the float64 result as PyTorch's own fp32 attention is (large spreads amplify rounding)
+    assert (ours - exact).abs().max().item() <= 2 * sdpa_error + 2e-6 * exact.abs().max().item()
+
+
+@needs_native
+def test_kernel_rejects_a_bias_of_the_wrong_shape():
+    qkv = torch.randn(256, 96)
+    with pytest.raises(ValueError, match="bias2"):
+        native.window_attention(qkv, torch.zeros(3, 256, 256), 2, 256, 0.25)
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_fast_path_with_and_without_the_kernel(monkeypatch, use_native):
+    if use_native and not native.available():
+        pytest.skip(f"no native kernel: {native.unavailable_reason()}")
+    monkeypatch.setattr(fast, "NATIVE_ATTENTION", use_native)
+    torch.manual_seed(3)
+    model = prepare_for_inference(create_model("esc_small", 2).eval())
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    x = torch.rand(1, 3, 35, 50)  # padded to whole 16-pixel windows inside the attention
+    with torch.inference_mode():
+        ref = model(x)
+        got = fast.accelerate(model)(x)
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_unavailable_when_disabled_or_without_a_compiler(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("ESC_STREAM_NATIVE", "0")
+    assert not native.available() and "ESC_STREAM_NATIVE=0" in native.unavailable_reason()
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("ESC_STREAM_NATIVE", "1")
+    monkeypatch.setattr(native, "_cpu_has_avx512", lambda: True)
+    monkeypatch.setenv("ESC_STREAM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-esc")
+    assert not native.available() and "no C compiler" in native.unavailable_reason()
+    with pytest.raises(RuntimeError, match="unavailable"):
+        native.window_attention(torch.zeros(16, 48), torch.zeros(1, 16, 16), 1, 16, 0.25)
+    x = torch.zeros(1, 16, 4, 4)
+    assert not native.supports(x, 16, 1, 16)
+
+
+def test_a_failed_build_leaves_no_file_and_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_cpu_has_avx512", lambda: True)
+    monkeypatch.setenv("ESC_STREAM_NATIVE", "1")
+    monkeypatch.setenv("ESC_STREAM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert not native.available() and "build failed" in native.unavailable_reason()
+    assert list((tmp_path / "native").iterdir()) == []
