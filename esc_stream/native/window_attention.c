@@ -11,8 +11,9 @@
  *
  * The softmax runs in base 2 (scores are scaled by log2(e) up front, exp2 by a degree-6 polynomial and
  * scalef), exact to float rounding. Work is ordered for the caches: k^T and v of a group of windows are
- * staged once per head, then each block of 8 query rows is run against every window of the group, so the
- * block's bias rows are read once per group instead of once per window.
+ * staged once per head (k^T packed 16 keys at a time, so a key chunk's 16 rows are one contiguous 1 KB
+ * block rather than 16 lines 4 KB apart that fight over one L1 set), then each block of 8 query rows is run
+ * against every window of the group, so the block's bias rows are read once per group, not once per window.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -50,7 +51,7 @@ static void query_block(const float *qrows, int64_t qstride, const float *kt, co
         __m512 acc[QB];
         for (int r = 0; r < QB; r++) acc[r] = _mm512_loadu_ps(brow + r * n + j);
         for (int d = 0; d < HD; d++) {
-            const __m512 kd = _mm512_load_ps(kt + d * n + j);
+            const __m512 kd = _mm512_load_ps(kt + j * HD + d * 16);
             for (int r = 0; r < QB; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r][d]), kd, acc[r]);
         }
         for (int r = 0; r < QB; r++) {
@@ -91,12 +92,12 @@ int esc_window_attention(const float *qkv, const float *bias2, float *out, int64
     for (int64_t h = h0; h < h1; h++) {
         for (int64_t g0 = w0; g0 < w1; g0 += GROUP) {
             const int64_t g1 = g0 + GROUP < w1 ? g0 + GROUP : w1;
-            for (int64_t w = g0; w < g1; w++) { /* k^T (HD, n) and v (n, HD) of this window and head */
+            for (int64_t w = g0; w < g1; w++) { /* k^T packed per 16 keys, (n/16, HD, 16), and v (n, HD) */
                 float *kt = stage + (w - g0) * 2 * HD * n, *vc = kt + HD * n;
                 const float *base = qkv + w * n * row;
                 for (int64_t t = 0; t < n; t++) {
                     const float *k = base + t * row + channels + h * HD;
-                    for (int d = 0; d < HD; d++) kt[d * n + t] = k[d];
+                    for (int d = 0; d < HD; d++) kt[(t & ~15) * HD + d * 16 + (t & 15)] = k[d];
                     memcpy(vc + t * HD, k + channels, sizeof(float) * HD);
                 }
             }
