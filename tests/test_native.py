@@ -1,5 +1,10 @@
 """The native AVX-512 window attention: equal to scaled_dot_product_attention, and optional."""
 
+import os
+import signal
+import warnings
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,3 +92,38 @@ def test_a_failed_build_leaves_no_file_and_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     assert not native.available() and "build failed" in native.unavailable_reason()
     assert list((tmp_path / "native").iterdir()) == []
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_kernel_runs_in_a_forked_child_after_the_parent_used_it():
+    # (torch's own OpenMP operators may hang in a forked child; the kernel call itself uses none)
+    qkv, bias2 = torch.randn(2 * 256, 96), native.log2_bias(torch.randn(2, 256, 256))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parent = native.window_attention(qkv, bias2, 2, 256, 0.25)  # the parent's worker threads now exist
+        read_end, write_end = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # "multi-threaded, use of fork() may deadlock"
+            pid = os.fork()
+        if pid == 0:  # child: exit code 0 only after sending the whole result
+            code = 1
+            try:
+                signal.alarm(60)  # a hang ends the child, and the test fails instead of waiting forever
+                os.close(read_end)
+                data = native.window_attention(qkv, bias2, 2, 256, 0.25).numpy().tobytes()
+                with os.fdopen(write_end, "wb") as f:
+                    f.write(data)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+    finally:
+        torch.set_num_threads(before)
+    assert os.waitstatus_to_exitcode(status) == 0
+    child = torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy()).view_as(parent)
+    assert torch.equal(parent, child)

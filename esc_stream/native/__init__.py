@@ -104,13 +104,15 @@ def unavailable_reason() -> str:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    pool = _state.get("pool")
-    if pool is None or _state.get("workers") != workers:
-        if pool is not None:
-            pool.shutdown(wait=False)  # type: ignore[attr-defined]
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="esc-attn")
-        _state["pool"], _state["workers"] = pool, workers
-    return pool  # type: ignore[return-value]
+    """A pool per worker count, made again in a forked child (a parent's pool threads do not survive fork)."""
+    with _lock:
+        pools = _state.get("pools")
+        if not isinstance(pools, dict) or _state.get("pid") != os.getpid():
+            pools = {}
+            _state["pools"], _state["pid"] = pools, os.getpid()
+        if workers not in pools:
+            pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="esc-attn")
+        return pools[workers]
 
 
 def supports(x: torch.Tensor, channels: int, heads: int, tokens: int) -> bool:
