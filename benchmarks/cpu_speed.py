@@ -14,8 +14,8 @@ back-end, repeated) so that load from other processes hits all of them alike; me
 Printed per size: baseline and ours in output Mpx/s, the ratio, the max-abs difference of ours against the
 baseline, the model's GFLOP per frame (nominal: direct convolutions; executed: what ours computes, FFT
 included), achieved GFLOP/s, and a 2048³ sgemm's GFLOP/s measured in the same run. Weights are random
-(speed does not depend on their values). The torch back-end's window attention is the native AVX-512
-kernel (esc_stream.native) where it builds; `ESC_STREAM_NATIVE=0` measures it with PyTorch's SDPA instead.
+(speed does not depend on their values). The torch back-end's window attention is the native kernel
+(esc_stream.native, AVX-512 or AVX2) where it builds; `ESC_STREAM_NATIVE=0` measures it with PyTorch's SDPA instead.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} of {os.cpu_count()} threads "
           f"({torch.backends.cpu.get_cpu_capability()}), {args.variant} x{args.scale}; "
           f"load average {os.getloadavg()[0]:.1f}; sgemm 2048³ {sg:.1f} GFLOP/s")  # fmt: skip
-    attention = "native AVX-512 kernel" if native.available() else f"SDPA ({native.unavailable_reason()})"
+    attention = f"native {native.variant()} kernel" if native.available() else f"SDPA ({native.unavailable_reason()})"
     print(f"window attention of the torch back-end: {attention}")
     base_sizes = set(_parse_sizes(args.baseline_sizes))
     cols = ("input", "back-end", "ms/frame", "Mpx/s", "ratio", "max-abs", "GFLOP", "GFLOP/s", "of sgemm")

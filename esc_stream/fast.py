@@ -25,9 +25,9 @@
   is updated in place, band by band.
 - **Window attention in blocks** of windows: gather the 64-channel input (LayerNorm applied as gathered), the
   qkv GEMM, attention, the output GEMM, and the add into the residual through a strided view; no
-  un-partition copy. Attention is the AVX-512 kernel of `esc_stream.native` where it builds (q/k/v read from
-  the GEMM's rows, heads written side by side), else `scaled_dot_product_attention` head-major (one head's
-  bias stays in cache across windows).
+  un-partition copy. Attention is the native kernel of `esc_stream.native` (AVX-512 or AVX2) where it
+  builds (q/k/v read from the GEMM's rows, heads written side by side), else
+  `scaled_dot_product_attention` head-major (one head's bias stays in cache across windows).
 - **channels_last end to end**: every 1x1 convolution is a GEMM on the NHWC view; 3x3 convolutions stay
   oneDNN calls on channels_last tensors.
 """
@@ -354,7 +354,7 @@ def conv_ffn(ffn: ConvFFN, x: torch.Tensor, ln: nn.Module | None = None) -> torc
 # the attention kernel's per-call cost does not show (measured best at 20-30 windows of 32x32 per call),
 # and bounded memory at any frame size.
 ATTENTION_CHUNK_BYTES = 24 * 2**20
-# The AVX-512 kernel of esc_stream.native where it builds (False: always scaled_dot_product_attention).
+# The native kernel of esc_stream.native (AVX-512 or AVX2) where it builds (False: always SDPA).
 NATIVE_ATTENTION = True
 
 
@@ -406,7 +406,7 @@ def window_attention_add_(attn: WindowAttention, ln: nn.Module, x: torch.Tensor)
                 slab = padded[bi, i0 * ws : i1 * ws, j0 * ws : j1 * ws]  # (kr*ws, kc*ws, C)
                 rows = _norm_rows(ln, slab.reshape(kr, ws, kc, ws, c).transpose(1, 2).reshape(kr * kc * n, c))
                 qkv = _gemm(rows, w_qkv, attn.to_qkv.bias)
-                if bias2 is not None:  # AVX-512 kernel: reads q/k/v from these rows, writes (rows, C)
+                if bias2 is not None:  # native kernel: reads q/k/v from these rows, writes (rows, C)
                     o = native.window_attention(qkv, bias2, heads, n, (c // heads) ** -0.5)
                 else:
                     # Head-major (heads, windows, N, d): the kernel walks the windows of one head in turn, so

@@ -14,6 +14,7 @@ from esc_stream.models import create_model
 from esc_stream.reparam import prepare_for_inference
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"no native kernel: {native.unavailable_reason()}")
+BUILDS = native.supported_variants() or ["none"]
 
 
 def _reference(qkv, bias, heads, tokens):
@@ -24,17 +25,18 @@ def _reference(qkv, bias, heads, tokens):
 
 
 @needs_native
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("windows,heads,tokens", [(1, 4, 1024), (3, 3, 256), (5, 4, 256), (2, 1, 16)])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("spread", [1.0, 40.0])
-def test_kernel_equals_sdpa(windows, heads, tokens, threads, spread):
+def test_kernel_equals_sdpa(build, windows, heads, tokens, threads, spread):
     g = torch.Generator().manual_seed(windows * 100 + heads)
     qkv = torch.randn(windows * tokens, 3 * heads * 16, generator=g) * spread**0.5
     bias = torch.randn(heads, tokens, tokens, generator=g) * spread  # large spreads: the max is subtracted
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ours = native.window_attention(qkv, native.log2_bias(bias), heads, tokens, 16**-0.5)
+        ours = native.window_attention(qkv, native.log2_bias(bias), heads, tokens, 16**-0.5, build=build)
     finally:
         torch.set_num_threads(before)
     exact = _reference(qkv.double(), bias.double(), heads, tokens)
@@ -71,10 +73,15 @@ def test_unavailable_when_disabled_or_without_a_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("ESC_STREAM_NATIVE", "0")
     assert not native.available() and "ESC_STREAM_NATIVE=0" in native.unavailable_reason()
+    assert native.variant() is None
 
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("ESC_STREAM_NATIVE", "1")
-    monkeypatch.setattr(native, "_cpu_has_avx512", lambda: True)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: set())
+    assert not native.available() and "neither AVX-512 nor AVX2" in native.unavailable_reason()
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx512f", "avx512dq", "avx2", "fma"})
     monkeypatch.setenv("ESC_STREAM_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-compiler-esc")
     assert not native.available() and "no C compiler" in native.unavailable_reason()
@@ -84,9 +91,20 @@ def test_unavailable_when_disabled_or_without_a_compiler(monkeypatch, tmp_path):
     assert not native.supports(x, 16, 1, 16)
 
 
+def test_the_best_build_is_chosen_and_one_can_be_forced(monkeypatch):
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx512f", "avx512dq", "avx2", "fma"})
+    monkeypatch.setattr(native, "_state", {})
+    assert native.supported_variants() == ["avx512", "avx2"] and native._choose() == ("avx512", "")
+    monkeypatch.setenv("ESC_STREAM_NATIVE", "avx2")
+    assert native._choose() == ("avx2", "")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setenv("ESC_STREAM_NATIVE", "avx512")
+    assert native._choose() == (None, "ESC_STREAM_NATIVE=avx512: the CPU lacks it")
+
+
 def test_a_failed_build_leaves_no_file_and_is_reported(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setattr(native, "_cpu_has_avx512", lambda: True)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
     monkeypatch.setenv("ESC_STREAM_NATIVE", "1")
     monkeypatch.setenv("ESC_STREAM_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails

@@ -1,11 +1,12 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-`window_attention` is exact fp32 window attention for head size 16 on AVX-512 CPUs (window_attention.c):
-about 1.5x `scaled_dot_product_attention` on the same thread count (benchmarks/cpu_speed.py). Nothing here
-is required: when the CPU lacks AVX-512, no compiler is found, the build fails, or ESC_STREAM_NATIVE=0 is set,
-`available()` is False and callers keep their PyTorch path. The shared object is cached per source and
-compiler under $ESC_STREAM_CACHE (default ~/.cache/esc-stream), written to a temporary name and renamed,
-so concurrent processes never load a half-written file.
+`window_attention` is exact fp32 window attention for head size 16 (window_attention.c), built for AVX-512
+(about 2x `scaled_dot_product_attention` at the same thread count) or else AVX2+FMA (about 1.15x). Nothing
+here is required: when the CPU has neither, no compiler is found, the build fails, or ESC_STREAM_NATIVE=0 is
+set, `available()` is False and callers keep their PyTorch path (ESC_STREAM_NATIVE=avx2 forces the AVX2
+build). The shared object is cached per source, flags and compiler under $ESC_STREAM_CACHE (default
+~/.cache/esc-stream), written to a temporary name and renamed, so concurrent processes never load a
+half-written file.
 """
 
 from __future__ import annotations
@@ -29,39 +30,48 @@ SOURCE = Path(__file__).with_name("window_attention.c")
 HEAD_SIZE = 16  # the kernel's head size (every published ESC variant uses 16)
 QUERY_BLOCK = 8  # tokens per window must be a multiple of this and of 16
 LOG2E = 1.0 / math.log(2.0)
-_FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mfma", "-shared", "-fPIC", "-DNDEBUG"]
+_FLAGS = ["-O3", "-shared", "-fPIC", "-DNDEBUG"]
+# build -> (compiler flags, CPU flags it needs), best first
+VARIANTS = {
+    "avx512": (["-mavx512f", "-mavx512dq", "-mfma"], {"avx512f", "avx512dq", "fma"}),
+    "avx2": (["-mavx2", "-mfma"], {"avx2", "fma"}),
+}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _cpu_has_avx512() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx512f" in flags and " avx512dq" in flags
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ESC_STREAM_CACHE") or Path.home() / ".cache" / "esc-stream") / "native"
 
 
-def _build() -> Path:
-    """Compile the kernel into the cache (when not there yet); returns the shared object's path."""
+def _build(variant: str) -> Path:
+    """Compile one build of the kernel into the cache (when not there yet); returns the shared object's path."""
     cc = shlex.split(os.environ.get("CC") or "cc")
     if shutil.which(cc[0]) is None:
         raise RuntimeError("no C compiler")
+    flags = _FLAGS + VARIANTS[variant][0]
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cc + _FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / f"window_attention-{key}.so"
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cc + flags).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"window_attention-{variant}-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".window_attention-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compile failed")
         os.replace(tmp, target)
@@ -71,26 +81,48 @@ def _build() -> Path:
     return target
 
 
-def _load() -> ctypes.CDLL | None:
+def supported_variants() -> list[str]:
+    """The builds this CPU can run, best first (none off Linux/x86-64)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    flags = _cpu_flags()
+    return [name for name, (_, needs) in VARIANTS.items() if needs <= flags]
+
+
+def _choose() -> tuple[str | None, str]:
+    """(variant, reason when None) from the CPU and ESC_STREAM_NATIVE."""
+    setting = os.environ.get("ESC_STREAM_NATIVE", "1").strip().lower()
+    if setting == "0":
+        return None, "disabled by ESC_STREAM_NATIVE=0"
+    supported = supported_variants()
+    if setting in VARIANTS:
+        return (setting, "") if setting in supported else (None, f"ESC_STREAM_NATIVE={setting}: the CPU lacks it")
+    if not supported:
+        return None, "the CPU has neither AVX-512 nor AVX2+FMA (or this is not Linux)"
+    return supported[0], ""
+
+
+def _load(variant: str | None = None) -> ctypes.CDLL | None:
     with _lock:
-        if "lib" in _state:
-            return _state["lib"]  # type: ignore[return-value]
-        lib = None
-        reason = ""
-        if os.environ.get("ESC_STREAM_NATIVE", "1") == "0":
-            reason = "disabled by ESC_STREAM_NATIVE=0"
-        elif not sys.platform.startswith("linux") or not _cpu_has_avx512():
-            reason = "the CPU has no AVX-512 (or this is not Linux)"
-        else:
+        if variant is None:
+            if "default" not in _state:
+                _state["default"], _state["reason"] = _choose()
+            variant = _state["default"]  # type: ignore[assignment]
+            if variant is None:
+                return None
+        libs = _state.setdefault("libs", {})
+        assert isinstance(libs, dict)
+        if variant not in libs:
             try:
-                lib = ctypes.CDLL(str(_build()))
+                lib = ctypes.CDLL(str(_build(variant)))
                 fn = lib.esc_window_attention
                 fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_float]
                 fn.restype = ctypes.c_int
+                libs[variant] = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                lib, reason = None, f"build failed: {exc}"
-        _state["lib"], _state["reason"] = lib, reason
-        return lib
+                libs[variant] = None
+                _state.setdefault("errors", {})[variant] = f"build failed: {exc}"  # type: ignore[index]
+        return libs[variant]
 
 
 def available() -> bool:
@@ -98,9 +130,18 @@ def available() -> bool:
     return _load() is not None
 
 
+def variant() -> str | None:
+    """The build in use ("avx512" or "avx2"), or None."""
+    return str(_state["default"]) if available() else None
+
+
 def unavailable_reason() -> str:
-    _load()
-    return str(_state.get("reason", ""))
+    if available():
+        return ""
+    default = _state.get("default")
+    if default is None:
+        return str(_state.get("reason", ""))
+    return str(_state.get("errors", {}).get(default, ""))  # type: ignore[attr-defined]
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -133,16 +174,20 @@ def log2_bias(bias: torch.Tensor) -> torch.Tensor:
     return (bias.reshape(-1, bias.shape[-2], bias.shape[-1]).float() * LOG2E).contiguous()
 
 
-def window_attention(qkv: torch.Tensor, bias2: torch.Tensor, heads: int, tokens: int, scale: float) -> torch.Tensor:
+def window_attention(
+    qkv: torch.Tensor, bias2: torch.Tensor, heads: int, tokens: int, scale: float, build: str | None = None
+) -> torch.Tensor:
     """softmax(q kᵀ · scale + bias) v per window and head.
 
     qkv: (windows * tokens, 3 * heads * 16) rows of the fused projection ([q heads | k heads | v heads]);
     bias2: `log2_bias` of the (heads, tokens, tokens) bias. Returns (windows * tokens, heads * 16), each head's
     output in its own 16 columns, ready for the output projection. Work is split over torch's thread count.
+    `build` picks a variant of `supported_variants()` (default: the best one).
     """
-    lib = _load()
+    lib = _load(build)
     if lib is None:
-        raise RuntimeError(f"native window attention unavailable: {unavailable_reason()}")
+        reason = unavailable_reason() if build is None else _state.get("errors", {}).get(build, "")  # type: ignore[attr-defined]
+        raise RuntimeError(f"native window attention unavailable: {reason}")
     qkv = qkv.contiguous()
     if bias2.shape != (heads, tokens, tokens) or not bias2.is_contiguous() or bias2.dtype != torch.float32:
         raise ValueError("bias2 must be a contiguous fp32 (heads, tokens, tokens) tensor (see log2_bias)")

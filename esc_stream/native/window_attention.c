@@ -1,4 +1,4 @@
-/* Exact fp32 window attention for head size 16 on AVX-512 CPUs (esc_stream, MIT).
+/* Exact fp32 window attention for head size 16 on x86-64 CPUs with AVX-512 or AVX2+FMA (esc_stream, MIT).
  *
  * softmax(q k^T * scale + bias) v for every (window, head) of a block of windows, reading q, k and v straight
  * from the rows of the fused q/k/v projection and writing each head's output into its columns of `out`.
@@ -21,9 +21,14 @@
 #include <string.h>
 
 #define HD 16      /* head size: one zmm */
-#define QB 8       /* query rows per block */
+#if defined(__AVX512F__)
+#define QB 8       /* query rows per block: 8 zmm accumulators */
+#else
+#define QB 4       /* AVX2: 4 rows x 2 ymm accumulators */
+#endif
 #define GROUP 4    /* windows whose k^T and v are staged together */
 
+#if defined(__AVX512F__)
 static inline __m512 exp2_nonpositive(__m512 t) {
     t = _mm512_max_ps(t, _mm512_set1_ps(-127.0f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -81,6 +86,97 @@ static void query_block(const float *qrows, int64_t qstride, const float *kt, co
     }
     for (int r = 0; r < QB; r++) _mm512_storeu_ps(orows + r * ostride, _mm512_mul_ps(o[r], _mm512_set1_ps(inv[r])));
 }
+
+#else /* AVX2 + FMA: the same algorithm with 8-wide vectors, a head row being two of them */
+
+static inline __m256 exp2_nonpositive8(__m256 t) {
+    t = _mm256_max_ps(t, _mm256_set1_ps(-126.0f)); /* 2^n stays a normal float */
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+static void query_block(const float *qrows, int64_t qstride, const float *kt, const float *vc, const float *brow,
+                        float *s, float *orows, int64_t ostride, int64_t n, float scale2) {
+    float qs[QB][HD];
+    for (int r = 0; r < QB; r++)
+        for (int d = 0; d < HD; d++) qs[r][d] = qrows[r * qstride + d] * scale2;
+
+    __m256 mx[QB];
+    for (int r = 0; r < QB; r++) mx[r] = _mm256_set1_ps(-3.0e38f);
+    for (int64_t j = 0; j < n; j += 16) {
+        __m256 lo[QB], hi[QB];
+        for (int r = 0; r < QB; r++) {
+            lo[r] = _mm256_loadu_ps(brow + r * n + j);
+            hi[r] = _mm256_loadu_ps(brow + r * n + j + 8);
+        }
+        for (int d = 0; d < HD; d++) {
+            const __m256 k0 = _mm256_load_ps(kt + j * HD + d * 16), k1 = _mm256_load_ps(kt + j * HD + d * 16 + 8);
+            for (int r = 0; r < QB; r++) {
+                const __m256 q = _mm256_broadcast_ss(&qs[r][d]);
+                lo[r] = _mm256_fmadd_ps(q, k0, lo[r]);
+                hi[r] = _mm256_fmadd_ps(q, k1, hi[r]);
+            }
+        }
+        for (int r = 0; r < QB; r++) {
+            _mm256_store_ps(s + r * n + j, lo[r]);
+            _mm256_store_ps(s + r * n + j + 8, hi[r]);
+            mx[r] = _mm256_max_ps(mx[r], _mm256_max_ps(lo[r], hi[r]));
+        }
+    }
+
+    float inv[QB];
+    for (int r = 0; r < QB; r++) {
+        const __m256 m = _mm256_set1_ps(hmax8(mx[r]));
+        __m256 sum = _mm256_setzero_ps();
+        float *sr = s + r * n;
+        for (int64_t j = 0; j < n; j += 8) {
+            const __m256 p = exp2_nonpositive8(_mm256_sub_ps(_mm256_load_ps(sr + j), m));
+            _mm256_store_ps(sr + j, p);
+            sum = _mm256_add_ps(sum, p);
+        }
+        inv[r] = 1.0f / hsum8(sum);
+    }
+
+    __m256 lo[QB], hi[QB];
+    for (int r = 0; r < QB; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        const __m256 v0 = _mm256_load_ps(vc + j * HD), v1 = _mm256_load_ps(vc + j * HD + 8);
+        for (int r = 0; r < QB; r++) {
+            const __m256 p = _mm256_broadcast_ss(s + r * n + j);
+            lo[r] = _mm256_fmadd_ps(p, v0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(p, v1, hi[r]);
+        }
+    }
+    for (int r = 0; r < QB; r++) {
+        const __m256 w = _mm256_set1_ps(inv[r]);
+        _mm256_storeu_ps(orows + r * ostride, _mm256_mul_ps(lo[r], w));
+        _mm256_storeu_ps(orows + r * ostride + 8, _mm256_mul_ps(hi[r], w));
+    }
+}
+#endif
 
 /* Windows [w0, w1) x heads [h0, h1). Returns 0, or -1 when the work buffers cannot be allocated. */
 int esc_window_attention(const float *qkv, const float *bias2, float *out, int64_t channels, int64_t n,
