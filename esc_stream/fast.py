@@ -364,18 +364,6 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
 
-def _native_bias(attn: WindowAttention, bias: torch.Tensor) -> torch.Tensor:
-    """The bias in the native kernel's form; kept on the module while its frozen bias stays the same."""
-    frozen = attn._bias_cache
-    cached = attn.__dict__.get("_native_bias")
-    if frozen is not None and cached is not None and cached[0] is frozen:
-        return cached[1]
-    bias2 = native.log2_bias(bias)
-    if frozen is not None:
-        attn.__dict__["_native_bias"] = (frozen, bias2)
-    return bias2
-
-
 def window_attention_add_(attn: WindowAttention, ln: nn.Module, x: torch.Tensor) -> None:
     """x += attn(ln(x)) for a channels_last (B, C, H, W) x; windows are gathered from the C-channel input and
     normalised as they are gathered (LayerNorm is per pixel, so it commutes with the reflect padding).
@@ -396,7 +384,7 @@ def window_attention_add_(attn: WindowAttention, ln: nn.Module, x: torch.Tensor)
     bias = attn.attention_bias().to(x.dtype).view(heads, 1, n, n)
     w_qkv, w_out = _weight2d(attn.to_qkv), _weight2d(attn.to_out)
     use_native = NATIVE_ATTENTION and native.supports(x, c, heads, n)
-    bias2 = _native_bias(attn, bias) if use_native else None
+    bias3 = bias.reshape(heads, n, n).contiguous() if use_native else None  # a view when cached
     res = x.permute(0, 2, 3, 1)  # (B, H, W, C) view; windows do not overlap, so adding a block's result
     # into x never changes what a later block reads
     for bi in range(b):
@@ -406,8 +394,8 @@ def window_attention_add_(attn: WindowAttention, ln: nn.Module, x: torch.Tensor)
                 slab = padded[bi, i0 * ws : i1 * ws, j0 * ws : j1 * ws]  # (kr*ws, kc*ws, C)
                 rows = _norm_rows(ln, slab.reshape(kr, ws, kc, ws, c).transpose(1, 2).reshape(kr * kc * n, c))
                 qkv = _gemm(rows, w_qkv, attn.to_qkv.bias)
-                if bias2 is not None:  # native kernel: reads q/k/v from these rows, writes (rows, C)
-                    o = native.window_attention(qkv, bias2, heads, n, (c // heads) ** -0.5)
+                if bias3 is not None:  # native kernel: reads q/k/v from these rows, writes (rows, C)
+                    o = native.window_attention(qkv, bias3, heads, n, (c // heads) ** -0.5)
                 else:
                     # Head-major (heads, windows, N, d): the kernel walks the windows of one head in turn, so
                     # that head's (N, N) bias stays in cache instead of every head's being re-read per window.

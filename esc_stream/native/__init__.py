@@ -169,19 +169,15 @@ def supports(x: torch.Tensor, channels: int, heads: int, tokens: int) -> bool:
     )
 
 
-def log2_bias(bias: torch.Tensor) -> torch.Tensor:
-    """The (heads, N, N) attention bias as the kernel wants it: contiguous fp32, multiplied by log2(e)."""
-    return (bias.reshape(-1, bias.shape[-2], bias.shape[-1]).float() * LOG2E).contiguous()
-
-
 def window_attention(
-    qkv: torch.Tensor, bias2: torch.Tensor, heads: int, tokens: int, scale: float, build: str | None = None
+    qkv: torch.Tensor, bias: torch.Tensor, heads: int, tokens: int, scale: float, build: str | None = None
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale + bias) v per window and head.
 
     qkv: (windows * tokens, 3 * heads * 16) rows of the fused projection ([q heads | k heads | v heads]);
-    bias2: `log2_bias` of the (heads, tokens, tokens) bias. Returns (windows * tokens, heads * 16), each head's
-    output in its own 16 columns, ready for the output projection. Work is split over torch's thread count.
+    bias: the (heads, tokens, tokens) additive bias, contiguous fp32. Returns (windows * tokens, heads * 16),
+    each head's output in its own 16 columns, ready for the output projection. Work is split over torch's
+    thread count.
     `build` picks a variant of `supported_variants()` (default: the best one).
     """
     lib = _load(build)
@@ -189,12 +185,12 @@ def window_attention(
         reason = unavailable_reason() if build is None else _state.get("errors", {}).get(build, "")  # type: ignore[attr-defined]
         raise RuntimeError(f"native window attention unavailable: {reason}")
     qkv = qkv.contiguous()
-    if bias2.shape != (heads, tokens, tokens) or not bias2.is_contiguous() or bias2.dtype != torch.float32:
-        raise ValueError("bias2 must be a contiguous fp32 (heads, tokens, tokens) tensor (see log2_bias)")
+    if bias.shape != (heads, tokens, tokens) or not bias.is_contiguous() or bias.dtype != torch.float32:
+        raise ValueError(f"bias must be a contiguous fp32 ({heads}, {tokens}, {tokens}) tensor")
     channels = heads * HEAD_SIZE
     windows = qkv.shape[0] // tokens
     out = torch.empty(qkv.shape[0], channels, dtype=qkv.dtype)
-    args = (qkv.data_ptr(), bias2.data_ptr(), out.data_ptr(), channels, tokens)
+    args = (qkv.data_ptr(), bias.data_ptr(), out.data_ptr(), channels, tokens)
     scale2 = float(scale) * LOG2E
     # Threads split the heads when there are enough (each then reads only its heads' bias), else the windows.
     workers = max(1, min(torch.get_num_threads(), heads * windows))

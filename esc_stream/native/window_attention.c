@@ -6,12 +6,12 @@
  * Layout (fp32, C = heads * 16 channels, N tokens per window, N a multiple of 16):
  *   qkv   (windows * N, 3 * C): token t of window w is row w * N + t; q of head h at column h * 16,
  *         k at C + h * 16, v at 2 * C + h * 16.
- *   bias2 (heads, N, N): the relative-position bias already multiplied by log2(e).
+ *   bias  (heads, N, N): the relative-position bias (shared by all windows).
  *   out   (windows * N, C): the attention output of head h goes to columns h * 16 .. h * 16 + 15.
  *
- * The softmax runs in base 2 (scores are scaled by log2(e) up front, exp2 by a degree-6 polynomial and
- * scalef), exact to float rounding. Work is ordered for the caches: k^T and v of a group of windows are
- * staged once per head (k^T packed 16 keys at a time, so a key chunk's 16 rows are one contiguous 1 KB
+ * The softmax runs in base 2 (scores and bias are scaled by log2(e) as they are formed, exp2 is a degree-6
+ * polynomial and a power-of-two scaling), exact to float rounding. Work is ordered for the caches: k^T and v
+ * of a group of windows are staged once per head (k^T packed 16 keys at a time, so a key chunk's 16 rows are one contiguous 1 KB
  * block rather than 16 lines 4 KB apart that fight over one L1 set), then each block of 8 query rows is run
  * against every window of the group, so the block's bias rows are read once per group, not once per window.
  */
@@ -27,6 +27,7 @@
 #define QB 4       /* AVX2: 4 rows x 2 ymm accumulators */
 #endif
 #define GROUP 4    /* windows whose k^T and v are staged together */
+#define LOG2E 1.4426950408889634f
 
 #if defined(__AVX512F__)
 static inline __m512 exp2_nonpositive(__m512 t) {
@@ -50,11 +51,12 @@ static void query_block(const float *qrows, int64_t qstride, const float *kt, co
     for (int r = 0; r < QB; r++)
         for (int d = 0; d < HD; d++) qs[r][d] = qrows[r * qstride + d] * scale2;
 
+    const __m512 log2e = _mm512_set1_ps(LOG2E);
     __m512 mx[QB];
     for (int r = 0; r < QB; r++) mx[r] = _mm512_set1_ps(-3.0e38f);
     for (int64_t j = 0; j < n; j += 16) {
         __m512 acc[QB];
-        for (int r = 0; r < QB; r++) acc[r] = _mm512_loadu_ps(brow + r * n + j);
+        for (int r = 0; r < QB; r++) acc[r] = _mm512_mul_ps(_mm512_loadu_ps(brow + r * n + j), log2e);
         for (int d = 0; d < HD; d++) {
             const __m512 kd = _mm512_load_ps(kt + j * HD + d * 16);
             for (int r = 0; r < QB; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r][d]), kd, acc[r]);
@@ -124,13 +126,14 @@ static void query_block(const float *qrows, int64_t qstride, const float *kt, co
     for (int r = 0; r < QB; r++)
         for (int d = 0; d < HD; d++) qs[r][d] = qrows[r * qstride + d] * scale2;
 
+    const __m256 log2e = _mm256_set1_ps(LOG2E);
     __m256 mx[QB];
     for (int r = 0; r < QB; r++) mx[r] = _mm256_set1_ps(-3.0e38f);
     for (int64_t j = 0; j < n; j += 16) {
         __m256 lo[QB], hi[QB];
         for (int r = 0; r < QB; r++) {
-            lo[r] = _mm256_loadu_ps(brow + r * n + j);
-            hi[r] = _mm256_loadu_ps(brow + r * n + j + 8);
+            lo[r] = _mm256_mul_ps(_mm256_loadu_ps(brow + r * n + j), log2e);
+            hi[r] = _mm256_mul_ps(_mm256_loadu_ps(brow + r * n + j + 8), log2e);
         }
         for (int d = 0; d < HD; d++) {
             const __m256 k0 = _mm256_load_ps(kt + j * HD + d * 16), k1 = _mm256_load_ps(kt + j * HD + d * 16 + 8);
@@ -179,7 +182,7 @@ static void query_block(const float *qrows, int64_t qstride, const float *kt, co
 #endif
 
 /* Windows [w0, w1) x heads [h0, h1). Returns 0, or -1 when the work buffers cannot be allocated. */
-int esc_window_attention(const float *qkv, const float *bias2, float *out, int64_t channels, int64_t n,
+int esc_window_attention(const float *qkv, const float *bias, float *out, int64_t channels, int64_t n,
                          int64_t w0, int64_t w1, int64_t h0, int64_t h1, float scale2) {
     const int64_t row = 3 * channels;
     float *stage = aligned_alloc(64, sizeof(float) * (size_t)(GROUP * 2 * HD * n + QB * n));
@@ -198,7 +201,7 @@ int esc_window_attention(const float *qkv, const float *bias2, float *out, int64
                 }
             }
             for (int64_t q0 = 0; q0 < n; q0 += QB) {
-                const float *brow = bias2 + (h * n + q0) * n;
+                const float *brow = bias + (h * n + q0) * n;
                 for (int64_t w = g0; w < g1; w++) {
                     const float *kt = stage + (w - g0) * 2 * HD * n;
                     query_block(qkv + (w * n + q0) * row + h * HD, row, kt, kt + HD * n, brow, s,
