@@ -139,7 +139,7 @@ def main() -> None:
     pic = before_after(target, args.val, args.scale, ROOT / "docs" / f"before_after_x{args.scale}.png")
     block = (
         f"<!-- results x{args.scale} -->\n"
-        f"| x{args.scale} | {snapshot} | {hours:.1f} h (1 thread) | "
+        f"| x{args.scale} | {snapshot} | {hours:.1f} h | "
         f"{m['psnr']:.2f} / {m['ssim']:.4f} | {m['bicubic_psnr']:.2f} / {m['bicubic_ssim']:.4f} | "
         f"{m['psnr'] - m['bicubic_psnr']:+.2f} dB |\n"
         f"<!-- end x{args.scale} -->"
