@@ -163,16 +163,25 @@ static void query_block(const float *qrows, int64_t qstride, const float *kt, co
         inv[r] = 1.0f / hsum8(sum);
     }
 
-    __m256 lo[QB], hi[QB];
-    for (int r = 0; r < QB; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    /* named accumulators (QB = 4): GCC keeps arrays of them in memory here, storing every iteration */
+    __m256 lo0 = _mm256_setzero_ps(), lo1 = lo0, lo2 = lo0, lo3 = lo0, hi0 = lo0, hi1 = lo0, hi2 = lo0, hi3 = lo0;
+    const float *s0 = s, *s1 = s + n, *s2 = s + 2 * n, *s3 = s + 3 * n;
     for (int64_t j = 0; j < n; j++) {
         const __m256 v0 = _mm256_load_ps(vc + j * HD), v1 = _mm256_load_ps(vc + j * HD + 8);
-        for (int r = 0; r < QB; r++) {
-            const __m256 p = _mm256_broadcast_ss(s + r * n + j);
-            lo[r] = _mm256_fmadd_ps(p, v0, lo[r]);
-            hi[r] = _mm256_fmadd_ps(p, v1, hi[r]);
-        }
+        __m256 p = _mm256_broadcast_ss(s0 + j);
+        lo0 = _mm256_fmadd_ps(p, v0, lo0);
+        hi0 = _mm256_fmadd_ps(p, v1, hi0);
+        p = _mm256_broadcast_ss(s1 + j);
+        lo1 = _mm256_fmadd_ps(p, v0, lo1);
+        hi1 = _mm256_fmadd_ps(p, v1, hi1);
+        p = _mm256_broadcast_ss(s2 + j);
+        lo2 = _mm256_fmadd_ps(p, v0, lo2);
+        hi2 = _mm256_fmadd_ps(p, v1, hi2);
+        p = _mm256_broadcast_ss(s3 + j);
+        lo3 = _mm256_fmadd_ps(p, v0, lo3);
+        hi3 = _mm256_fmadd_ps(p, v1, hi3);
     }
+    const __m256 lo[QB] = {lo0, lo1, lo2, lo3}, hi[QB] = {hi0, hi1, hi2, hi3};
     for (int r = 0; r < QB; r++) {
         const __m256 w = _mm256_set1_ps(inv[r]);
         _mm256_storeu_ps(orows + r * ostride, _mm256_mul_ps(lo[r], w));
