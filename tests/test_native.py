@@ -145,3 +145,20 @@ def test_kernel_runs_in_a_forked_child_after_the_parent_used_it():
     assert os.waitstatus_to_exitcode(status) == 0
     child = torch.from_numpy(np.frombuffer(data, dtype=np.float32).copy()).view_as(parent)
     assert torch.equal(parent, child)
+
+
+def test_benchmark_script_prints_every_kernel():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "native_attention.py"
+    cmd = [sys.executable, str(script), "--windows", "1", "--window", "16", "--repeat", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("scaled_dot_product_attention") for line in lines)
+    for build in native.supported_variants():
+        row = next(line for line in lines if line.startswith(f"native {build}"))
+        if "unavailable" not in row:
+            assert float(row.split()[-1]) <= 1e-4  # max-abs against SDPA
