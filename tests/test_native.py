@@ -47,10 +47,15 @@ def test_kernel_equals_sdpa(build, windows, heads, tokens, threads, spread):
 
 
 @needs_native
-def test_kernel_rejects_a_bias_of_the_wrong_shape():
+def test_kernel_rejects_inputs_of_the_wrong_shape():
     qkv = torch.randn(256, 96)
     with pytest.raises(ValueError, match="bias must be"):
         native.window_attention(qkv, torch.zeros(3, 256, 256), 2, 256, 0.25)
+    for bad in (qkv[:, :64], qkv[:200], qkv.double()):  # would read past the rows: refused, not run
+        with pytest.raises(ValueError, match="qkv must be"):
+            native.window_attention(bad, torch.zeros(2, 256, 256), 2, 256, 0.25)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        native.window_attention(torch.zeros(100, 96), torch.zeros(2, 100, 100), 2, 100, 0.25)
 
 
 @pytest.mark.parametrize("use_native", [True, False])

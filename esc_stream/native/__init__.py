@@ -29,7 +29,6 @@ import torch
 
 SOURCE = Path(__file__).with_name("window_attention.c")
 HEAD_SIZE = 16  # the kernel's head size (every published ESC variant uses 16)
-QUERY_BLOCK = 8  # tokens per window must be a multiple of this and of 16
 LOG2E = 1.0 / math.log(2.0)
 _FLAGS = ["-O3", "-shared", "-fPIC", "-DNDEBUG"]
 # build -> (compiler flags, CPU flags it needs), best first
@@ -185,10 +184,22 @@ def window_attention(
     if lib is None:
         reason = unavailable_reason() if build is None else _state.get("errors", {}).get(build, "")  # type: ignore[attr-defined]
         raise RuntimeError(f"native window attention unavailable: {reason}")
+    channels = heads * HEAD_SIZE
+    if (
+        qkv.device.type != "cpu"
+        or qkv.dtype != torch.float32
+        or qkv.dim() != 2
+        or qkv.shape[1] != 3 * channels
+        or tokens % 16
+        or qkv.shape[0] % tokens
+    ):
+        raise ValueError(
+            f"qkv must be fp32 CPU rows (windows * {tokens}, {3 * channels}) with tokens a multiple of 16, "
+            f"not {qkv.dtype} {tuple(qkv.shape)} on {qkv.device}"
+        )
     qkv = qkv.contiguous()
     if bias.shape != (heads, tokens, tokens) or not bias.is_contiguous() or bias.dtype != torch.float32:
         raise ValueError(f"bias must be a contiguous fp32 ({heads}, {tokens}, {tokens}) tensor")
-    channels = heads * HEAD_SIZE
     windows = qkv.shape[0] // tokens
     out = torch.empty(qkv.shape[0], channels, dtype=qkv.dtype)
     args = (qkv.data_ptr(), bias.data_ptr(), out.data_ptr(), channels, tokens)
