@@ -9,11 +9,12 @@
  *   bias  (heads, N, N): the relative-position bias (shared by all windows).
  *   out   (windows * N, C): the attention output of head h goes to columns h * 16 .. h * 16 + 15.
  *
- * The softmax runs in base 2 (scores and bias are scaled by log2(e) as they are formed, exp2 is a degree-6
- * polynomial and a power-of-two scaling), exact to float rounding. Work is ordered for the caches: k^T and v
- * of a group of windows are staged once per head (k^T packed 16 keys at a time, so a key chunk's 16 rows are one contiguous 1 KB
- * block rather than 16 lines 4 KB apart that fight over one L1 set), then each block of 8 query rows is run
- * against every window of the group, so the block's bias rows are read once per group, not once per window.
+ * The softmax runs in base 2 (scores and bias are scaled by log2(e) as they are formed; exp2 is a degree-6
+ * polynomial and a power-of-two scaling, within 2e-7 relative). Work is ordered for the caches: k^T and v of
+ * a group of windows are staged once per head (k^T packed 16 keys at a time, so a key chunk's 16 rows are
+ * one contiguous 1 KB block rather than 16 lines 4 KB apart that fight over one L1 set), then each block of
+ * query rows is run against every window of the group, so the block's bias rows are read once per group,
+ * not once per window.
  */
 #include <immintrin.h>
 #include <stdint.h>
