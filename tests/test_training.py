@@ -81,6 +81,27 @@ def test_config_rejects_an_unknown_amp_mode(tmp_path):
         TrainConfig.from_toml(path)
 
 
+@pytest.mark.parametrize("loss", ["l1", "l2"])
+def test_step_minimises_the_configured_loss(tmp_path, loss):
+    trainer = Trainer(_cfg(tmp_path, loss=loss), _images())
+    rng = trainer.sampler.generator.get_state()
+    lr, hr = trainer.sampler.sample()
+    with torch.no_grad():
+        err = trainer.model(lr) - hr
+    expected = err.abs().mean() if loss == "l1" else err.square().mean()
+    trainer.sampler.generator.set_state(rng)  # step() draws the same batch
+    assert trainer.step() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_config_rejects_an_unknown_loss(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\nloss = "charbonnier"\n')
+    with pytest.raises(ValueError, match="loss must be"):
+        TrainConfig.from_toml(path)
+    path.write_text('[train]\nloss = "l2"\n')
+    assert TrainConfig.from_toml(path).loss == "l2"
+
+
 def test_checkpoint_loads_as_official_layout(tmp_path):
     trainer = Trainer(_cfg(tmp_path), _images())
     trainer.step()
