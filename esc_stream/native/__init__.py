@@ -22,12 +22,17 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("window_attention.c")
+# the training kernels (forward keeping the log-sum-exp, and backward), built into the same shared object
+TRAIN_SOURCE = Path(__file__).with_name("attention_train.c")
+SOURCES = (SOURCE, TRAIN_SOURCE)
+HEADERS = (Path(__file__).with_name("simd_exp2.h"),)
 HEAD_SIZE = 16  # the kernel's head size (every published ESC variant uses 16)
 LOG2E = 1.0 / math.log(2.0)
 _FLAGS = ["-O3", "-shared", "-fPIC", "-DNDEBUG"]
@@ -63,7 +68,8 @@ def _build(variant: str) -> Path:
         raise RuntimeError("no C compiler")
     flags = _FLAGS + VARIANTS[variant][0]
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cc + flags).encode() + version.encode()).hexdigest()[:16]
+    text = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
+    key = hashlib.sha256(text + " ".join(cc + flags).encode() + version.encode()).hexdigest()[:16]
     target = cache_dir() / f"window_attention-{variant}-{key}.so"
     if target.is_file():
         return target
@@ -71,7 +77,8 @@ def _build(variant: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".window_attention-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        sources = [str(src) for src in SOURCES]
+        done = subprocess.run([*cc, *flags, *sources, "-lm", "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compile failed")
         os.replace(tmp, target)
@@ -118,6 +125,11 @@ def _load(variant: str | None = None) -> ctypes.CDLL | None:
                 fn = lib.esc_window_attention
                 fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_float]
                 fn.restype = ctypes.c_int
+                fwd, bwd = lib.esc_attention_train_forward, lib.esc_attention_train_backward
+                fwd.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+                bwd.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+                fwd.restype = bwd.restype = ctypes.c_int
+                lib.esc_attention_train_supported.restype = ctypes.c_int
                 libs[variant] = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 libs[variant] = None
@@ -169,6 +181,22 @@ def supports(x: torch.Tensor, channels: int, heads: int, tokens: int) -> bool:
     )
 
 
+def _check_rows(qkv: torch.Tensor, heads: int, tokens: int) -> None:
+    channels = heads * HEAD_SIZE
+    if (
+        qkv.device.type != "cpu"
+        or qkv.dtype != torch.float32
+        or qkv.dim() != 2
+        or qkv.shape[1] != 3 * channels
+        or tokens % 16
+        or qkv.shape[0] % tokens
+    ):
+        raise ValueError(
+            f"qkv must be fp32 CPU rows (windows * {tokens}, {3 * channels}) with tokens a multiple of 16, "
+            f"not {qkv.dtype} {tuple(qkv.shape)} on {qkv.device}"
+        )
+
+
 def window_attention(
     qkv: torch.Tensor, bias: torch.Tensor, heads: int, tokens: int, scale: float, build: str | None = None
 ) -> torch.Tensor:
@@ -184,19 +212,8 @@ def window_attention(
     if lib is None:
         reason = unavailable_reason() if build is None else _state.get("errors", {}).get(build, "")  # type: ignore[attr-defined]
         raise RuntimeError(f"native window attention unavailable: {reason}")
+    _check_rows(qkv, heads, tokens)
     channels = heads * HEAD_SIZE
-    if (
-        qkv.device.type != "cpu"
-        or qkv.dtype != torch.float32
-        or qkv.dim() != 2
-        or qkv.shape[1] != 3 * channels
-        or tokens % 16
-        or qkv.shape[0] % tokens
-    ):
-        raise ValueError(
-            f"qkv must be fp32 CPU rows (windows * {tokens}, {3 * channels}) with tokens a multiple of 16, "
-            f"not {qkv.dtype} {tuple(qkv.shape)} on {qkv.device}"
-        )
     qkv = qkv.contiguous()
     if bias.shape != (heads, tokens, tokens) or not bias.is_contiguous() or bias.dtype != torch.float32:
         raise ValueError(f"bias must be a contiguous fp32 ({heads}, {tokens}, {tokens}) tensor")
@@ -212,10 +229,100 @@ def window_attention(
         edges = [round(i * windows / workers) for i in range(workers + 1)]
         parts = [(a, b, 0, heads) for a, b in zip(edges, edges[1:], strict=False) if b > a]
     fn = lib.esc_window_attention
+    _run_parts(parts, lambda w0, w1, h0, h1: fn(*args, w0, w1, h0, h1, scale2))
+    return out
+
+
+def _window_parts(windows: int) -> list[tuple[int, int]]:
+    """Contiguous window ranges, one per torch thread (as many as there are windows, at most)."""
+    workers = max(1, min(torch.get_num_threads(), windows))
+    edges = [round(i * windows / workers) for i in range(workers + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+def _run_parts(parts: Sequence[tuple[int, ...]], call: Callable[..., int]) -> None:
+    """call(*part) for every part, in parallel on the pool (ctypes releases the GIL for the call)."""
     if len(parts) == 1:
-        codes = [fn(*args, *parts[0], scale2)]
-    else:  # ctypes releases the GIL for the call, so the parts run in parallel
-        codes = list(_pool(len(parts)).map(lambda p: fn(*args, *p, scale2), parts))
+        codes = [call(*parts[0])]
+    else:
+        codes = list(_pool(len(parts)).map(lambda p: call(*p), parts))
     if any(codes):
         raise MemoryError("native window attention: out of memory for its work buffers")
-    return out
+
+
+def _train_lib() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None or not lib.esc_attention_train_supported():
+        reason = unavailable_reason() or "the training kernels need the AVX-512 build"
+        raise RuntimeError(f"native window attention training kernels unavailable: {reason}")
+    return lib
+
+
+class _WindowAttentionTrain(torch.autograd.Function):
+    """softmax(q kᵀ · scale + bias) v with gradients for qkv and bias; saves the row log-sum-exp, not the
+    probabilities (the backward pass recomputes them)."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias, heads, tokens, scale):  # type: ignore[no-untyped-def, override]
+        lib = _train_lib()
+        qkv, bias = qkv.contiguous(), bias.contiguous()
+        windows, channels = qkv.shape[0] // tokens, heads * HEAD_SIZE
+        out = torch.empty(qkv.shape[0], channels, dtype=torch.float32)
+        lse = torch.empty(windows, heads, tokens, dtype=torch.float32)
+        ptrs = (qkv.data_ptr(), bias.data_ptr(), out.data_ptr(), lse.data_ptr(), channels, tokens)
+        scale2 = float(scale) * LOG2E
+        fwd = lib.esc_attention_train_forward
+        _run_parts(_window_parts(windows), lambda a, b: fwd(*ptrs, a, b, 0, heads, scale2))
+        ctx.save_for_backward(qkv, bias, out, lse)
+        ctx.shape = (heads, tokens, float(scale))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[no-untyped-def, override]
+        qkv, bias, out, lse = ctx.saved_tensors
+        heads, tokens, scale = ctx.shape
+        lib = _train_lib()
+        dout = dout.to(torch.float32).contiguous()
+        windows, channels = qkv.shape[0] // tokens, heads * HEAD_SIZE
+        dqkv = torch.empty_like(qkv)
+        parts = _window_parts(windows)
+        dbias = torch.zeros(len(parts), heads, tokens, tokens, dtype=torch.float32)  # one buffer per thread
+        bwd = lib.esc_attention_train_backward
+        ptrs = (qkv.data_ptr(), bias.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(), dqkv.data_ptr())
+
+        def call(a: int, b: int) -> int:
+            k = parts.index((a, b))
+            return bwd(*ptrs, dbias[k].data_ptr(), channels, tokens, a, b, 0, heads, scale)
+
+        _run_parts(parts, call)
+        return dqkv, dbias.sum(0), None, None, None
+
+
+def supports_training(x: torch.Tensor, channels: int, heads: int, tokens: int) -> bool:
+    """Whether `window_attention_train` handles attention over `x`'s features: CPU, head size 16, tokens a
+    multiple of 16 and the kernels built (fp32 or bf16 inputs: they are computed in fp32)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and channels == heads * HEAD_SIZE
+        and tokens % 16 == 0
+        and training_available()
+    )
+
+
+def training_available() -> bool:
+    """True when the training kernels run here: they need the AVX-512 build (the AVX2 one has only inference)."""
+    lib = _load()
+    return lib is not None and bool(lib.esc_attention_train_supported())
+
+
+def window_attention_train(
+    qkv: torch.Tensor, bias: torch.Tensor, heads: int, tokens: int, scale: float
+) -> torch.Tensor:
+    """Differentiable `window_attention` (same layouts) for training: gradients flow to `qkv` and to the
+    (heads, tokens, tokens) `bias`. Memory per call is the output and a log-sum-exp per query, not the
+    (tokens x tokens) probabilities of every window and head that PyTorch's math path keeps for backward."""
+    _check_rows(qkv, heads, tokens)
+    if bias.shape != (heads, tokens, tokens) or bias.dtype != torch.float32:
+        raise ValueError(f"bias must be an fp32 ({heads}, {tokens}, {tokens}) tensor")
+    return _WindowAttentionTrain.apply(qkv, bias, heads, tokens, scale)  # type: ignore[no-any-return]

@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd_exp2.h"
+
 #define HD 16      /* head size: one zmm */
 #if defined(__AVX512F__)
 #define QB 8       /* query rows per block: 8 zmm accumulators */
@@ -31,20 +33,6 @@
 #define LOG2E 1.4426950408889634f
 
 #if defined(__AVX512F__)
-static inline __m512 exp2_nonpositive(__m512 t) {
-    t = _mm512_max_ps(t, _mm512_set1_ps(-127.0f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n); /* [-0.5, 0.5] */
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* One block of QB query rows of one window against all N keys of that window. */
 static void query_block(const float *qrows, int64_t qstride, const float *kt, const float *vc, const float *brow,
                         float *s, float *orows, int64_t ostride, int64_t n, float scale2) {
