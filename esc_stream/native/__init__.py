@@ -5,7 +5,14 @@ else AVX2+FMA. One thread, 10 windows of 32x32 x 4 heads (README, "CPU speed and
 AVX-512 build 33 ms, AVX2 build 39 ms, `scaled_dot_product_attention` 59-62 ms. Nothing here is required:
 when the CPU has neither, no compiler is found, the build fails, or ESC_STREAM_NATIVE=0 is set, `available()`
 is False and callers keep their PyTorch path (ESC_STREAM_NATIVE=avx2 forces the AVX2
-build). The shared object is cached per source, flags and compiler under $ESC_STREAM_CACHE (default
+build).
+
+`window_attention_train` is the same attention with gradients (attention_train.c, AVX-512 builds only): the
+forward pass keeps one log-sum-exp per query and the backward pass recomputes the probabilities, so training
+never stores a (tokens x tokens) matrix per window. `WindowAttention` uses it when it trains on a CPU
+(`training_available()`); elsewhere training keeps `scaled_dot_product_attention`.
+
+The shared object (both files) is cached per source, flags and compiler under $ESC_STREAM_CACHE (default
 ~/.cache/esc-stream), written to a temporary name and renamed, so concurrent processes never load a
 half-written file.
 """
