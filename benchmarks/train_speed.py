@@ -11,9 +11,7 @@ block's shape). Stop other work first: on a shared or busy CPU the figures mean 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,19 +20,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from native_attention import _median_ms  # noqa: E402  (this folder: the same median timer)
+
 from esc_stream import native  # noqa: E402
 from esc_stream.models import create_model  # noqa: E402
 from esc_stream.models.blocks import WindowAttention  # noqa: E402
 
 
 def _median_s(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return _median_ms(fn, repeat) / 1000  # type: ignore[arg-type]
 
 
 def main() -> None:
