@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--channels-last", action="store_true", help="model and patches in channels_last memory format")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not native.training_available():
@@ -47,9 +48,13 @@ def main() -> None:
     model = create_model(args.variant, args.scale).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     lr = torch.rand(args.batch, 3, args.patch, args.patch)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+        lr = lr.contiguous(memory_format=torch.channels_last)
     hr = torch.rand(args.batch, 3, args.patch * args.scale, args.patch * args.scale)
     print(
         f"{args.variant} x{args.scale}, {args.batch} x {args.patch}x{args.patch} LR patches, {args.threads} threads, "
+        f"{'channels_last, ' if args.channels_last else ''}"
         f"median of {args.repeat}"
     )
 
