@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).with_name("window_attention.c")
 # the training kernels (forward keeping the log-sum-exp, and backward), built into the same shared object
@@ -134,7 +135,7 @@ def _load(variant: str | None = None) -> ctypes.CDLL | None:
                 fn.restype = ctypes.c_int
                 fwd, bwd = lib.esc_attention_train_forward, lib.esc_attention_train_backward
                 fwd.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_float]
-                bwd.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+                bwd.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float] * 2
                 fwd.restype = bwd.restype = ctypes.c_int
                 lib.esc_attention_train_supported.restype = ctypes.c_int
                 libs[variant] = lib
@@ -222,8 +223,13 @@ def window_attention(
     _check_rows(qkv, heads, tokens)
     channels = heads * HEAD_SIZE
     qkv = qkv.contiguous()
-    if bias.shape != (heads, tokens, tokens) or not bias.is_contiguous() or bias.dtype != torch.float32:
-        raise ValueError(f"bias must be a contiguous fp32 ({heads}, {tokens}, {tokens}) tensor")
+    if (
+        bias.shape != (heads, tokens, tokens)
+        or not bias.is_contiguous()
+        or bias.dtype != torch.float32
+        or bias.device.type != "cpu"
+    ):
+        raise ValueError(f"bias must be a contiguous fp32 CPU ({heads}, {tokens}, {tokens}) tensor")
     windows = qkv.shape[0] // tokens
     out = torch.empty(qkv.shape[0], channels, dtype=qkv.dtype)
     args = (qkv.data_ptr(), bias.data_ptr(), out.data_ptr(), channels, tokens)
@@ -249,6 +255,8 @@ def _window_parts(windows: int) -> list[tuple[int, int]]:
 
 def _run_parts(parts: Sequence[tuple[int, ...]], call: Callable[..., int]) -> None:
     """call(*part) for every part, in parallel on the pool (ctypes releases the GIL for the call)."""
+    if not parts:  # no windows: nothing to do
+        return
     if len(parts) == 1:
         codes = [call(*parts[0])]
     else:
@@ -281,25 +289,27 @@ class _WindowAttentionTrain(torch.autograd.Function):
         fwd = lib.esc_attention_train_forward
         _run_parts(_window_parts(windows), lambda a, b: fwd(*ptrs, a, b, 0, heads, scale2))
         ctx.save_for_backward(qkv, bias, out, lse)
-        ctx.shape = (heads, tokens, float(scale))
+        ctx.shape = (heads, tokens, float(scale), scale2)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):  # type: ignore[no-untyped-def, override]
         qkv, bias, out, lse = ctx.saved_tensors
-        heads, tokens, scale = ctx.shape
+        heads, tokens, scale, scale2 = ctx.shape
         lib = _train_lib()
         dout = dout.to(torch.float32).contiguous()
         windows, channels = qkv.shape[0] // tokens, heads * HEAD_SIZE
         dqkv = torch.empty_like(qkv)
         parts = _window_parts(windows)
-        dbias = torch.zeros(len(parts), heads, tokens, tokens, dtype=torch.float32)  # one buffer per thread
+        # one buffer per thread, summed in a fixed order: the same thread count gives the same bits
+        dbias = torch.zeros(len(parts), heads, tokens, tokens, dtype=torch.float32)
         bwd = lib.esc_attention_train_backward
         ptrs = (qkv.data_ptr(), bias.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(), dqkv.data_ptr())
 
         def call(a: int, b: int) -> int:
             k = parts.index((a, b))
-            return bwd(*ptrs, dbias[k].data_ptr(), channels, tokens, a, b, 0, heads, scale)
+            return bwd(*ptrs, dbias[k].data_ptr(), channels, tokens, a, b, 0, heads, scale, scale2)
 
         _run_parts(parts, call)
         return dqkv, dbias.sum(0), None, None, None
@@ -330,6 +340,6 @@ def window_attention_train(
     (heads, tokens, tokens) `bias`. Memory per call is the output and a log-sum-exp per query, not the
     (tokens x tokens) probabilities of every window and head that PyTorch's math path keeps for backward."""
     _check_rows(qkv, heads, tokens)
-    if bias.shape != (heads, tokens, tokens) or bias.dtype != torch.float32:
-        raise ValueError(f"bias must be an fp32 ({heads}, {tokens}, {tokens}) tensor")
+    if bias.shape != (heads, tokens, tokens) or bias.dtype != torch.float32 or bias.device.type != "cpu":
+        raise ValueError(f"bias must be an fp32 CPU ({heads}, {tokens}, {tokens}) tensor")
     return _WindowAttentionTrain.apply(qkv, bias, heads, tokens, scale)  # type: ignore[no-any-return]

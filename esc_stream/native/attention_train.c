@@ -122,9 +122,9 @@ int esc_attention_train_forward(const float *qkv, const float *bias, float *out,
 
 int esc_attention_train_backward(const float *qkv, const float *bias, const float *out, const float *dout,
                                  const float *lse, float *dqkv, float *dbias, int64_t c, int64_t n, int64_t w0,
-                                 int64_t w1, int64_t h0, int64_t h1, float scale) {
+                                 int64_t w1, int64_t h0, int64_t h1, float scale, float scale2) {
+    /* scale2 must be the forward's (scale * log2 e as rounded there): P is recomputed from the same scores */
     const int64_t heads = c / HD, rs = 3 * c;
-    const float scale2 = scale * LOG2E;
     float *buf = (float *)aligned_alloc(64, sizeof(float) * (size_t)(7 * n * HD + 2 * QB * n + QB * HD));
     if (!buf) return 1;
     float *q2 = buf, *kt = q2 + n * HD, *k = kt + n * HD, *vt = k + n * HD, *dk = vt + n * HD, *dv = dk + n * HD;
@@ -206,9 +206,9 @@ int esc_attention_train_forward(const float *qkv, const float *bias, float *out,
 
 int esc_attention_train_backward(const float *qkv, const float *bias, const float *out, const float *dout,
                                  const float *lse, float *dqkv, float *dbias, int64_t c, int64_t n, int64_t w0,
-                                 int64_t w1, int64_t h0, int64_t h1, float scale) {
+                                 int64_t w1, int64_t h0, int64_t h1, float scale, float scale2) {
     (void)qkv, (void)bias, (void)out, (void)dout, (void)lse, (void)dqkv, (void)dbias, (void)c, (void)n, (void)w0;
-    (void)w1, (void)h0, (void)h1, (void)scale;
+    (void)w1, (void)h0, (void)h1, (void)scale, (void)scale2;
     return 2;
 }
 

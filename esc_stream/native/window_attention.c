@@ -81,7 +81,7 @@ static void query_block(const float *qrows, int64_t qstride, const float *kt, co
 #else /* AVX2 + FMA: the same algorithm with 8-wide vectors, a head row being two of them */
 
 static inline __m256 exp2_nonpositive8(__m256 t) {
-    t = _mm256_max_ps(t, _mm256_set1_ps(-126.0f)); /* 2^n stays a normal float */
+    t = _mm256_max_ps(_mm256_set1_ps(-126.0f), t); /* 2^n stays a normal float; a NaN stays NaN */
     const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(t, n);
     __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
