@@ -239,8 +239,7 @@ def window_attention(
     if workers >= 2 and heads % workers == 0:
         parts = [(0, windows, h * heads // workers, (h + 1) * heads // workers) for h in range(workers)]
     else:
-        edges = [round(i * windows / workers) for i in range(workers + 1)]
-        parts = [(a, b, 0, heads) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+        parts = [(a, b, 0, heads) for a, b in _window_parts(windows)]
     fn = lib.esc_window_attention
     _run_parts(parts, lambda w0, w1, h0, h1: fn(*args, w0, w1, h0, h1, scale2))
     return out
@@ -307,11 +306,10 @@ class _WindowAttentionTrain(torch.autograd.Function):
         bwd = lib.esc_attention_train_backward
         ptrs = (qkv.data_ptr(), bias.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(), dqkv.data_ptr())
 
-        def call(a: int, b: int) -> int:
-            k = parts.index((a, b))
+        def call(k: int, a: int, b: int) -> int:
             return bwd(*ptrs, dbias[k].data_ptr(), channels, tokens, a, b, 0, heads, scale, scale2)
 
-        _run_parts(parts, call)
+        _run_parts([(k, a, b) for k, (a, b) in enumerate(parts)], call)
         return dqkv, dbias.sum(0), None, None, None
 
 
