@@ -59,19 +59,42 @@ def test_resume_is_bit_exact(tmp_path):
 def test_bf16_autocast_steps_resume_and_keep_float32_state(tmp_path):
     torch.set_num_threads(1)
     try:
-        plain, amp = Trainer(_cfg(tmp_path), _images()), Trainer(_cfg(tmp_path, amp="bf16"), _images())
+        plain, amp = Trainer(_cfg(tmp_path), _images()), Trainer(_cfg(tmp_path, amp="bf16-always"), _images())
+        assert amp.bf16
         first_plain, first_amp = plain.step(), amp.step()
         # same weights and patches: the bf16 forward differs from the fp32 one by rounding only
         assert first_amp != first_plain and abs(first_amp - first_plain) < 0.02 * first_plain
         losses = [amp.step() for _ in range(2)]
         amp.save(tmp_path / "amp.pth")
         losses += [amp.step() for _ in range(2)]
-        resumed = Trainer(_cfg(tmp_path, amp="bf16"), _images())
+        resumed = Trainer(_cfg(tmp_path, amp="bf16-always"), _images())
         resumed.resume(tmp_path / "amp.pth")
         assert [resumed.step() for _ in range(2)] == losses[2:]
     finally:
         torch.set_num_threads(2)
     assert all(t.dtype == torch.float32 for t in [*amp.model.state_dict().values(), *amp.ema.state_dict().values()])
+
+
+def test_bf16_runs_only_where_the_hardware_has_it(tmp_path, monkeypatch):
+    import training.train as tt
+
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert tt.native_bf16(torch.device("cpu")) is native
+        assert Trainer(_cfg(tmp_path, amp="bf16"), _images()).bf16 is native
+        assert Trainer(_cfg(tmp_path, amp="bf16-always"), _images()).bf16
+        assert not Trainer(_cfg(tmp_path), _images()).bf16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    data = _png_folder(tmp_path / "images")
+    cfg = _cfg(tmp_path / "run", amp="bf16", iters=1, train_dir=str(data), val_dir=str(data), val_limit=1, val_crop=32)
+    lines: list[str] = []
+    threads = torch.get_num_threads()
+    try:
+        train(cfg, log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert any("no native bf16" in line and "fp32" in line for line in lines)
 
 
 def test_config_rejects_an_unknown_amp_mode(tmp_path):
@@ -262,3 +285,29 @@ def test_init_from_other_scale_keeps_body_and_fresh_upsampler(tmp_path):
             assert torch.equal(v, src[k]), k
     with pytest.raises(ValueError, match="no tensor"):
         transfer_weights(create_model("esc_small", 2), {"unrelated": torch.zeros(1)})
+
+
+def test_init_from_a_shallower_network_grows_identity_blocks(tmp_path):
+    """esc_medium from esc_small: the new block is an exact identity, then trains away from it."""
+    from esc_stream.checkpoints import save_checkpoint
+    from esc_stream.models import create_model
+
+    torch.manual_seed(4)
+    small = create_model("esc_small", 2).eval()
+    with torch.no_grad():  # trained-looking weights: a zero-initialised dynamic kernel would hide a mismatch
+        for p in small.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ckpt = tmp_path / "small.pth"
+    save_checkpoint(ckpt, small)
+    trainer = Trainer(_cfg(tmp_path, variant="esc_medium", init_from=str(ckpt)), _images())
+    assert trainer.init_skipped and all(k.startswith("blocks.2.") for k in trainer.init_skipped)
+    grown = trainer.model.blocks[2]
+    assert not grown.conv_out.weight.any() and not grown.conv_out.bias.any()
+    assert grown.attn.to_qkv.weight.abs().sum() > 0  # only the output conv is zeroed: the block can still learn
+    x = torch.rand(2, 3, 20, 28)
+    with torch.no_grad():
+        assert torch.equal(trainer.model.eval()(x), small(x))
+        assert torch.equal(trainer.ema(x), small(x))
+    trainer.step()
+    trainer.step()
+    assert trainer.model.blocks[2].conv_out.weight.abs().sum() > 0

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from esc_stream.checkpoints import save_checkpoint, state_dict_from_model
 from esc_stream.metrics import psnr_y, ssim_y
 from esc_stream.models import create_model
+from esc_stream.models.blocks import Block
 from esc_stream.tiling import upscale_tensor
 
 from . import distributed
@@ -86,7 +87,8 @@ class TrainConfig:
     threads: int = 1
     device: str = "cpu"
     # "bf16": forward and backward under torch.autocast (matmuls and convs in bfloat16, weights, optimizer, EMA
-    # and the residual stream in float32). About 1.2x faster per iteration on a CPU with AVX-512 BF16.
+    # and the residual stream in float32). About 1.2x faster per iteration on a CPU with AVX-512 BF16, but 7.5x
+    # slower on one without (bf16 emulated), so there "bf16" trains in fp32 and says so; "bf16-always" forces it.
     amp: str = ""
     # "l1" (the paper's loss) or "l2": mean squared error, the loss PSNR measures. Efficient-SR practice (e.g. the
     # NTIRE challenges) is to train with L1 and finish with a short, low-lr L2 phase, which adds a little PSNR.
@@ -100,11 +102,21 @@ class TrainConfig:
         flat = read_settings(path, set(cls.__dataclass_fields__), ("train_dir", "val_dir", "out", "init_from"))
         if "betas" in flat:
             flat["betas"] = tuple(flat["betas"])
-        if flat.get("amp", "") not in ("", "bf16"):
-            raise ValueError(f'{path}: amp must be "bf16" or "" (off), not {flat["amp"]!r}')
+        if flat.get("amp", "") not in AMP_MODES:
+            raise ValueError(f'{path}: amp must be "bf16", "bf16-always" or "" (off), not {flat["amp"]!r}')
         if flat.get("loss", "l1") not in LOSSES:
             raise ValueError(f'{path}: loss must be "l1" or "l2", not {flat["loss"]!r}')
         return cls(**flat)
+
+
+AMP_MODES = ("", "bf16", "bf16-always")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 autocast is fast: CUDA, or a CPU with AVX-512 BF16 or AMX (elsewhere it is emulated)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"l1": F.l1_loss, "l2": F.mse_loss}
@@ -134,7 +146,24 @@ def transfer_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[s
     if not fits:
         raise ValueError("init_from: no tensor of the checkpoint fits this network (other variant?)")
     model.load_state_dict(fits, strict=False)
+    grow_as_identity(model, set(fits))
     return sorted(k for k in own if k not in fits)
+
+
+@torch.no_grad()
+def grow_as_identity(model: nn.Module, loaded: set[str]) -> list[str]:
+    """Zero the output conv of every residual block that received none of its tensors; return their names.
+
+    A network grown deeper from a trained one (esc_small -> esc_medium) then computes exactly what the trained
+    one did, and the new blocks learn a correction from there instead of first disturbing the trained ones.
+    """
+    fresh = []
+    for name, module in model.named_modules():
+        if isinstance(module, Block) and not any(k.startswith(f"{name}.") for k in loaded):
+            nn.init.zeros_(module.conv_out.weight)
+            nn.init.zeros_(module.conv_out.bias)  # type: ignore[arg-type]
+            fresh.append(name)
+    return fresh
 
 
 class Trainer:
@@ -180,12 +209,14 @@ class Trainer:
         self.sampler.seed(rank_seed(cfg.seed, self.rank))
         self.iter = 0
         self.resumed_sampler = True
+        # bf16 autocast only where the hardware has it, unless forced (see TrainConfig.amp)
+        self.bf16 = cfg.amp == "bf16-always" or (cfg.amp == "bf16" and native_bf16(self.device))
 
     def step(self) -> float:
         self.net.train()
         lr, hr = self.sampler.sample()
         lr, hr = lr.to(self.device), hr.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.net(lr)
         loss = LOSSES[self.cfg.loss](out.float(), hr)
         self.opt.zero_grad(set_to_none=True)
@@ -304,11 +335,15 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, device: torch.device, log
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, device=device)
+    if cfg.amp == "bf16" and not trainer.bf16:
+        log('amp = "bf16": this CPU has no native bf16 (AVX-512 BF16 or AMX), so the run trains in fp32, which is '
+            'several times faster here; amp = "bf16-always" forces bf16')  # fmt: skip
     if env.active:
         log(f"DDP: {env.world} ranks, {cfg.batch} patches per rank per step ({env.world * cfg.batch} in all)")
     last = out / "last.pth"
     if trainer.init_skipped and not last.exists():
-        log(f"init_from {cfg.init_from}: fresh initialisation kept for {', '.join(trainer.init_skipped)}")
+        parts = sorted({".".join(k.split(".")[:2]) if k.startswith("blocks.") else k for k in trainer.init_skipped})
+        log(f"init_from {cfg.init_from}: fresh initialisation kept for {', '.join(parts)}")
     if last.exists():
         trainer.resume(last)
         log(f"resumed from {last} at iteration {trainer.iter}")

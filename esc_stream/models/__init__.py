@@ -46,6 +46,13 @@ VARIANTS: dict[str, VariantSpec] = {
         "ESC",
         {**_ESC, "dim": 48, "pdim": 12, "n_blocks": 2, "conv_blocks": 4, "window_size": 16, "num_heads": 3},
     ),
+    # esc_small with a third block (about 1.45x its FLOPs): grown from a trained esc_small by `init_from`, whose
+    # missing blocks start as identity (training/train.py), so the deeper network begins where the smaller left off.
+    "esc_medium": VariantSpec(
+        "esc_medium",
+        "ESC",
+        {**_ESC, "dim": 48, "pdim": 12, "n_blocks": 3, "conv_blocks": 4, "window_size": 16, "num_heads": 3},
+    ),
     # esc_small's body as the encoder of a narrower LTE decoder: for CPU training of the arbitrary-scale model
     "esc_lte_small": VariantSpec(
         "esc_lte_small",
