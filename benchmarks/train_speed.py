@@ -3,9 +3,9 @@
     python benchmarks/train_speed.py [--variant esc_small] [--patch 64] [--batch 4] [--threads 2] [--repeat 5]
 
 One training step = forward, L1 loss, backward and AdamW step on a batch of random LR patches, as
-`training/train.py` runs it. Prints, for fp32 and for bf16 autocast (the default model's recipe), the median
-step time and iterations per second with each attention, and the attention alone (forward + backward of one
-block's shape). Stop other work first: on a shared or busy CPU the figures mean little.
+`training/train.py` runs it. Prints, for fp32 and (where the CPU has native bf16, or with --amp) bf16
+autocast, the median step time and iterations per second with each attention, and the attention alone
+(forward + backward of one block's shape). Stop other work first: on a shared or busy CPU the figures mean little.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from native_attention import _median_ms  # noqa: E402  (this folder: the same me
 from esc_stream import native  # noqa: E402
 from esc_stream.models import create_model  # noqa: E402
 from esc_stream.models.blocks import WindowAttention  # noqa: E402
+from training.train import native_bf16  # noqa: E402
 
 
 def _median_s(fn: Callable[[], object], repeat: int) -> float:
@@ -40,10 +41,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--channels-last", action="store_true", help="model and patches in channels_last memory format")
+    ap.add_argument(
+        "--amp",
+        choices=["auto", "fp32", "bf16", "both"],
+        default="auto",
+        help="steps to time: auto = fp32, and bf16 autocast too where the CPU has native bf16 (emulated bf16 is slow)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not native.training_available():
-        print(f"native training kernels unavailable ({native.unavailable_reason() or 'no AVX-512 build'}): SDPA only")
+        reason = native.unavailable_reason() or "no AVX-512 or AVX2 build"
+        print(f"native training kernels unavailable ({reason}): SDPA only")
     torch.manual_seed(0)
     model = create_model(args.variant, args.scale).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -67,7 +75,10 @@ def main() -> None:
         opt.step()
 
     kinds = [False, True] if native.training_available() else [False]
-    for amp in (False, True):
+    amps = {"fp32": [False], "bf16": [True], "both": [False, True]}.get(args.amp, [False])
+    if args.amp == "auto" and native_bf16(torch.device("cpu")):
+        amps = [False, True]
+    for amp in amps:
         times = {}
         mode = "bf16" if amp else "fp32"
         for use in kinds:

@@ -9,7 +9,7 @@ from esc_stream.models import create_model
 from esc_stream.models.blocks import WindowAttention
 
 needs_kernels = pytest.mark.skipif(
-    not native.training_available(), reason="the native training kernels need the AVX-512 build"
+    not native.training_available(), reason="the native training kernels need the AVX-512 or AVX2+FMA build"
 )
 
 
@@ -28,11 +28,21 @@ def _grads(fn, qkv, bias, grad_out):
     return out.detach(), qkv.grad, bias.grad
 
 
-@needs_kernels
+@pytest.fixture(params=["avx512", "avx2"])
+def build(request, monkeypatch):
+    """Each build this CPU runs (an AVX-512 machine also runs the AVX2 one), made the default for the test."""
+    if request.param not in native.supported_variants():
+        pytest.skip(f"the CPU cannot run the {request.param} build")
+    monkeypatch.setenv("ESC_STREAM_NATIVE", request.param)
+    monkeypatch.setattr(native, "_state", {"libs": native._state.get("libs", {})})
+    assert native.training_available() and native.variant() == request.param
+    return request.param
+
+
 @pytest.mark.parametrize("windows,heads,tokens", [(3, 3, 256), (2, 4, 64), (1, 1, 16), (2, 2, 1024)])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("spread", [1.0, 30.0])
-def test_forward_and_gradients_equal_autograd(windows, heads, tokens, threads, spread):
+def test_forward_and_gradients_equal_autograd(build, windows, heads, tokens, threads, spread):
     g = torch.Generator().manual_seed(windows * 10 + heads + tokens)
     qkv = torch.randn(windows * tokens, 3 * heads * 16, generator=g) * spread**0.5
     bias = torch.randn(heads, tokens, tokens, generator=g) * spread
@@ -77,7 +87,7 @@ def test_results_do_not_depend_on_the_run():
 
 def test_no_windows_gives_empty_results():
     if not native.training_available():
-        pytest.skip("the native training kernels need the AVX-512 build")
+        pytest.skip("the native training kernels need the AVX-512 or AVX2+FMA build")
     qkv = torch.zeros(0, 96, requires_grad=True)
     out = native.window_attention_train(qkv, torch.zeros(2, 16, 16, requires_grad=True), 2, 16, 0.25)
     out.sum().backward()

@@ -7,7 +7,7 @@ when the CPU has neither, no compiler is found, the build fails, or ESC_STREAM_N
 is False and callers keep their PyTorch path (ESC_STREAM_NATIVE=avx2 forces the AVX2
 build).
 
-`window_attention_train` is the same attention with gradients (attention_train.c, AVX-512 builds only): the
+`window_attention_train` is the same attention with gradients (attention_train.c, both builds): the
 forward pass keeps one log-sum-exp per query and the backward pass recomputes the probabilities, so training
 never stores a (tokens x tokens) matrix per window. `WindowAttention` uses it when it trains on a CPU
 (`training_available()`); elsewhere training keeps `scaled_dot_product_attention`.
@@ -267,7 +267,7 @@ def _run_parts(parts: Sequence[tuple[int, ...]], call: Callable[..., int]) -> No
 def _train_lib() -> ctypes.CDLL:
     lib = _load()
     if lib is None or not lib.esc_attention_train_supported():
-        reason = unavailable_reason() or "the training kernels need the AVX-512 build"
+        reason = unavailable_reason() or "this build has no training kernels"
         raise RuntimeError(f"native window attention training kernels unavailable: {reason}")
     return lib
 
@@ -326,7 +326,7 @@ def supports_training(x: torch.Tensor, channels: int, heads: int, tokens: int) -
 
 
 def training_available() -> bool:
-    """True when the training kernels run here: they need the AVX-512 build (the AVX2 one has only inference)."""
+    """True when the training kernels run here (the AVX-512 or the AVX2+FMA build)."""
     lib = _load()
     return lib is not None and bool(lib.esc_attention_train_supported())
 
