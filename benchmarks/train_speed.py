@@ -24,7 +24,7 @@ from native_attention import _median_ms  # noqa: E402  (this folder: the same me
 
 from esc_stream import native  # noqa: E402
 from esc_stream.models import create_model  # noqa: E402
-from esc_stream.models.blocks import WindowAttention  # noqa: E402
+from esc_stream.models.blocks import ConvolutionalAttention, WindowAttention  # noqa: E402
 from training.train import native_bf16  # noqa: E402
 
 
@@ -47,7 +47,14 @@ def main() -> None:
         default="auto",
         help="steps to time: auto = fp32, and bf16 autocast too where the CPU has native bf16 (emulated bf16 is slow)",
     )
+    ap.add_argument(
+        "--large-kernel",
+        choices=["fft", "direct"],
+        default="fft",
+        help="ConvAttn's large-kernel conv in training: through the FFT (the default) or F.conv2d",
+    )
     args = ap.parse_args()
+    ConvolutionalAttention.fft_training = args.large_kernel == "fft"
     torch.set_num_threads(args.threads)
     if not native.training_available():
         reason = native.unavailable_reason() or "no AVX-512 or AVX2 build"
@@ -62,7 +69,7 @@ def main() -> None:
     hr = torch.rand(args.batch, 3, args.patch * args.scale, args.patch * args.scale)
     print(
         f"{args.variant} x{args.scale}, {args.batch} x {args.patch}x{args.patch} LR patches, {args.threads} threads, "
-        f"{'channels_last, ' if args.channels_last else ''}"
+        f"{'channels_last, ' if args.channels_last else ''}large kernel {args.large_kernel}, "
         f"median of {args.repeat}"
     )
 

