@@ -74,3 +74,21 @@ def test_inference_and_no_grad_keep_the_direct_convolution(monkeypatch):
     assert not calls
     model.train()(x).mean().backward()
     assert len(calls) == 8  # 2 blocks x 4 ConvAttn layers
+
+
+def test_the_shared_kernel_is_transformed_once_per_forward(monkeypatch):
+    calls = []
+    real = torch.fft.rfft2
+    monkeypatch.setattr(torch.fft, "rfft2", lambda t, **kw: calls.append(t.shape) or real(t, **kw))
+    monkeypatch.setattr(ConvolutionalAttention, "fft_training", True)
+    model = create_model("esc_small", 2).train()
+    x = torch.rand(1, 3, 24, 24)
+    for _ in range(2):  # a new step makes a new kernel tensor: transformed again, and its graph is fresh
+        calls.clear()
+        model(x).mean().backward()
+        assert calls.count(model.plk_filter.shape) == 1 and len(calls) == 1 + 8
+    model.baked = True  # the kernel is now the leaf parameter itself: two passes before an optimizer step still work
+    model.zero_grad()
+    for _ in range(2):
+        model(x).mean().backward()
+    assert model.plk_filter.grad is not None and model.plk_filter.grad.abs().sum() > 0

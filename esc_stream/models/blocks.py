@@ -6,6 +6,8 @@ unchanged. Every block handles batches of any size.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,16 +118,20 @@ class WindowAttention(nn.Module):
         hp, wp = x.shape[-2:]
         nh, nw = hp // ws, wp // ws
         heads, hd = self.num_heads, self.dim // self.num_heads
-        qkv = self.to_qkv(x)
         n = ws * ws
-        use_native = self.training and self.native_training and qkv.requires_grad
-        if use_native and native.supports_training(qkv, self.dim, heads, n):
-            # (b, 3C, nh*ws, nw*ws) -> rows (b*nh*nw*ws*ws, 3C): token t of window w is row w*n + t
-            rows = qkv.view(b, 3 * self.dim, nh, ws, nw, ws).permute(0, 2, 4, 3, 5, 1).reshape(-1, 3 * self.dim)
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.to_qkv.weight.requires_grad)
+        if self.training and self.native_training and grad and native.supports_training(x, self.dim, heads, n):
+            # tokens as rows, window by window: (b, C, nh*ws, nw*ws) -> (b*nh*nw*ws*ws, C), token t of window w at
+            # row w*n + t. The 1x1 projections are then plain GEMMs on the rows, and only C channels (not 3C) are
+            # reordered each way.
+            rows = x.view(b, self.dim, nh, ws, nw, ws).permute(0, 2, 4, 3, 5, 1).reshape(-1, self.dim)
+            qkv_rows = F.linear(rows, self.to_qkv.weight.view(3 * self.dim, self.dim), self.to_qkv.bias)
             bias3 = self.attention_bias().reshape(heads, n, n).float()
-            o = native.window_attention_train(rows.float(), bias3, heads, n, hd**-0.5)
+            o = native.window_attention_train(qkv_rows.float(), bias3, heads, n, hd**-0.5)
+            o = F.linear(o, self.to_out.weight.view(self.dim, self.dim), self.to_out.bias)  # pointwise: before the crop
             o = o.view(b, nh, nw, ws, ws, self.dim).permute(0, 5, 1, 3, 2, 4).reshape(b, self.dim, hp, wp)
-            return self.to_out(o[:, :, :h, :w])
+            return o[:, :, :h, :w]
+        qkv = self.to_qkv(x)
         # (b, 3*heads*hd, nh*ws, nw*ws) -> (3, b*nh*nw, heads, ws*ws, hd)
         qkv = qkv.view(b, 3, heads, hd, nh, ws, nw, ws).permute(1, 0, 4, 6, 2, 5, 7, 3)
         qkv = qkv.reshape(3, b * nh * nw, heads, ws * ws, hd)
@@ -153,6 +159,27 @@ def fft_size(n: int) -> int:
         m += 1
 
 
+_spectrum: tuple[weakref.ref, int, bool, tuple[int, int], torch.Tensor] | None = None
+
+
+def _kernel_spectrum(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """rfft2 of the flipped kernel, computed once per kernel tensor: every ConvAttn layer of an ESC body gets the one
+    shared large kernel, so a training step transforms it (and back-propagates through the transform) once instead
+    of once per layer. Only a kernel made in this forward pass (or one without gradients) is reused: a leaf
+    parameter can meet several forward/backward passes, and a spectrum's graph serves only one backward."""
+    global _spectrum
+    grad = torch.is_grad_enabled()
+    if weight.requires_grad and weight.grad_fn is None:
+        return torch.fft.rfft2(weight.float().flip(-1, -2), s=size)
+    if _spectrum is not None:
+        ref, version, was_grad, was_size, spec = _spectrum
+        if ref() is weight and version == weight._version and was_grad == grad and was_size == size:
+            return spec
+    spec = torch.fft.rfft2(weight.float().flip(-1, -2), s=size)
+    _spectrum = (weakref.ref(weight), weight._version, grad, size, spec)
+    return spec
+
+
 def fft_conv2d_same(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.conv2d(x, weight, padding=k // 2)` (zero padding, odd square kernel) computed through the FFT, in fp32.
 
@@ -164,7 +191,7 @@ def fft_conv2d_same(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     p = weight.shape[-1] // 2
     size = (fft_size(h + p), fft_size(w + p))
     spec_x = torch.fft.rfft2(x.float(), s=size)  # (B, C, Fh, Fw)
-    spec_k = torch.fft.rfft2(weight.float().flip(-1, -2), s=size)  # (O, C, Fh, Fw)
+    spec_k = _kernel_spectrum(weight, size)  # (O, C, Fh, Fw)
     # per frequency, (B, C) @ (C, O): one batched complex matrix product
     spec_y = (spec_x.permute(2, 3, 0, 1) @ spec_k.permute(2, 3, 1, 0)).permute(2, 3, 0, 1)
     return torch.fft.irfft2(spec_y, s=size)[..., p : p + h, p : p + w].to(x.dtype)
