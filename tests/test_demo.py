@@ -294,7 +294,8 @@ def _open(served):
 
 def _upload(page, elem_id: str, path: Path) -> None:
     page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
-    page.locator(f"#{elem_id}").get_by_text(path.name).first.wait_for(timeout=15_000)
+    # generous: the first upload of a session waited >15 s once, on a 2-core machine busy with a training run
+    page.locator(f"#{elem_id}").get_by_text(path.name).first.wait_for(timeout=60_000)
 
 
 @pytest.mark.slow
