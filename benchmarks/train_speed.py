@@ -49,12 +49,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--large-kernel",
-        choices=["fft", "direct"],
-        default="fft",
-        help="ConvAttn's large-kernel conv in training: through the FFT (the default) or F.conv2d",
+        choices=["auto", "fft", "direct"],
+        default="auto",
+        help="ConvAttn's large-kernel conv in training: auto (the FFT at one thread), the FFT, or F.conv2d",
     )
     args = ap.parse_args()
-    ConvolutionalAttention.fft_training = args.large_kernel == "fft"
+    ConvolutionalAttention.fft_training = {"auto": None, "fft": True, "direct": False}[args.large_kernel]
     torch.set_num_threads(args.threads)
     if not native.training_available():
         reason = native.unavailable_reason() or "no AVX-512 or AVX2 build"

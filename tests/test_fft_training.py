@@ -92,3 +92,19 @@ def test_the_shared_kernel_is_transformed_once_per_forward(monkeypatch):
     for _ in range(2):
         model(x).mean().backward()
     assert model.plk_filter.grad is not None and model.plk_filter.grad.abs().sum() > 0
+
+
+def test_auto_takes_the_fft_with_one_thread_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ConvolutionalAttention, "fft_training", None)
+    monkeypatch.setattr(blocks, "fft_conv2d_same", lambda *a: calls.append(a) or F.conv2d(*a, padding=6))
+    model = create_model("esc_small", 2).train()
+    before = torch.get_num_threads()
+    try:
+        for threads, expected in ((2, 0), (1, 8)):
+            torch.set_num_threads(threads)
+            calls.clear()
+            model(torch.rand(1, 3, 20, 20)).mean().backward()
+            assert len(calls) == expected, threads
+    finally:
+        torch.set_num_threads(before)
