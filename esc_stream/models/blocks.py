@@ -169,14 +169,14 @@ def _kernel_spectrum(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     parameter can meet several forward/backward passes, and a spectrum's graph serves only one backward."""
     global _spectrum
     grad = torch.is_grad_enabled()
-    if weight.requires_grad and weight.grad_fn is None:
-        return torch.fft.rfft2(weight.float().flip(-1, -2), s=size)
-    if _spectrum is not None:
+    reusable = not (weight.requires_grad and weight.grad_fn is None)
+    if reusable and _spectrum is not None:
         ref, version, was_grad, was_size, spec = _spectrum
         if ref() is weight and version == weight._version and was_grad == grad and was_size == size:
             return spec
     spec = torch.fft.rfft2(weight.float().flip(-1, -2), s=size)
-    _spectrum = (weakref.ref(weight), weight._version, grad, size, spec)
+    if reusable:
+        _spectrum = (weakref.ref(weight), weight._version, grad, size, spec)
     return spec
 
 
