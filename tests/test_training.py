@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from esc_stream.checkpoints import load_model
-from training.data import rank_seed
+from esc_stream.resize import imresize
+from training.data import PatchSampler, rank_seed, rescaled
 from training.monitor import Monitor, plot_curves
 from training.train import TrainConfig, Trainer, lr_factor, train, validate
 
@@ -123,6 +124,54 @@ def test_config_rejects_an_unknown_loss(tmp_path):
         TrainConfig.from_toml(path)
     path.write_text('[train]\nloss = "l2"\n')
     assert TrainConfig.from_toml(path).loss == "l2"
+
+
+def test_rescale_adds_matlab_bicubic_downscaled_copies():
+    images = _images()
+    out = rescaled(images, [0.75, 0.5])
+    assert len(out) == 3 * len(images)
+    assert all(a is b for a, b in zip(out[:3], images, strict=True))  # the originals first, untouched
+    for im, small in zip(images, out[3:6], strict=True):
+        assert small.dtype == torch.uint8
+        assert small.shape[1:] == (round(im.shape[1] * 0.75), round(im.shape[2] * 0.75))
+        ref = imresize(im.float()[None], size=tuple(small.shape[1:]))[0].round().clamp(0, 255)
+        assert torch.equal(small.float(), ref)
+    assert out[6].shape[1:] == (20, 22)
+    assert rescaled(images, []) == images
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        rescaled(images, [1.5])
+
+
+@pytest.mark.parametrize("sampling", ["image", "area"])
+def test_area_sampling_draws_images_by_their_crop_positions(sampling):
+    # a large image of 0s and a small one of 255s: 9 crop positions against 1
+    big = torch.zeros(3, 34, 34, dtype=torch.uint8)
+    small = torch.full((3, 32, 32), 255, dtype=torch.uint8)
+    sampler = PatchSampler([big, small], scale=2, lr_patch=16, batch=1000, sampling=sampling)
+    sampler.seed(3)
+    _, hr = sampler.sample()
+    share_small = (hr.flatten(1).mean(1) > 0.5).float().mean().item()
+    expected = 0.1 if sampling == "area" else 0.5
+    assert abs(share_small - expected) < 0.05, share_small
+
+
+def test_config_checks_sampling_and_rescale(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\nsampling = "pixels"\n')
+    with pytest.raises(ValueError, match="sampling must be"):
+        TrainConfig.from_toml(path)
+    path.write_text("[data]\nrescale = [0.8, 1.2]\n")
+    with pytest.raises(ValueError, match="rescale factors"):
+        TrainConfig.from_toml(path)
+    path.write_text('[data]\nsampling = "area"\nrescale = [0.9, 0.6]\n')
+    cfg = TrainConfig.from_toml(path)
+    assert (cfg.sampling, cfg.rescale) == ("area", [0.9, 0.6])
+
+
+def test_trainer_uses_rescaled_images_and_area_sampling(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, rescale=[0.5], sampling="area", lr_patch=8), _images())
+    assert len(trainer.sampler.images) == 6 and trainer.sampler.sampling == "area"
+    assert trainer.step() > 0
 
 
 def test_checkpoint_loads_as_official_layout(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from esc_stream.resize import resize_matrix
+from esc_stream.resize import imresize, resize_matrix
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -65,6 +65,26 @@ class SeededSampler:
         return int(torch.randint(high, (1,), generator=self.generator))
 
 
+SAMPLINGS = ("image", "area")
+
+
+def rescaled(images: list[torch.Tensor], factors: list[float]) -> list[torch.Tensor]:
+    """The images, plus a copy of each downscaled by every factor (MATLAB bicubic, 8-bit like the originals).
+
+    The classic scale augmentation of the 291-image set (as VDSR and its successors trained): downscaled copies are
+    sharper per pixel and add content at other scales, so a small training set goes further.
+    """
+    out = list(images)
+    for f in factors:
+        if not 0 < f < 1:
+            raise ValueError(f"rescale factors must lie between 0 and 1, not {f}")
+        for im in images:
+            size = (max(1, round(im.shape[1] * f)), max(1, round(im.shape[2] * f)))
+            small = imresize(im.float().unsqueeze(0), size=size)[0]
+            out.append(small.round().clamp(0, 255).to(torch.uint8))
+    return out
+
+
 class PatchSampler(SeededSampler):
     """Random (LR, HR) patch batches from in-memory HR images, with flips and 90-degree rotations.
 
@@ -72,21 +92,36 @@ class PatchSampler(SeededSampler):
     exactly the batches it would have drawn.
     """
 
-    def __init__(self, images: list[torch.Tensor], scale: int, lr_patch: int, batch: int) -> None:
+    def __init__(
+        self, images: list[torch.Tensor], scale: int, lr_patch: int, batch: int, sampling: str = "image"
+    ) -> None:
+        if sampling not in SAMPLINGS:
+            raise ValueError(f'sampling must be "image" or "area", not {sampling!r}')
         self.scale = scale
         self.lr_patch = lr_patch
         self.batch = batch
+        self.sampling = sampling
         hr_patch = lr_patch * scale
         self.images = [im for im in images if im.shape[1] >= hr_patch and im.shape[2] >= hr_patch]
         if not self.images:
             raise ValueError(f"no training image is at least {hr_patch}x{hr_patch}")
+        # "area": every crop position of every image is equally likely, so a large image is drawn more often than
+        # a small one (with "image" each image is equally likely, and small images' pixels are seen far more often)
+        positions = [(im.shape[1] - hr_patch + 1) * (im.shape[2] - hr_patch + 1) for im in self.images]
+        self.cumulative = np.cumsum(positions)
         super().__init__()
+
+    def _image(self) -> torch.Tensor:
+        if self.sampling == "area":
+            k = self._randint(int(self.cumulative[-1]))
+            return self.images[int(np.searchsorted(self.cumulative, k, side="right"))]
+        return self.images[self._randint(len(self.images))]
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         hp = self.lr_patch * self.scale
         crops = []
         for _ in range(self.batch):
-            im = self.images[self._randint(len(self.images))]
+            im = self._image()
             y = self._randint(im.shape[1] - hp + 1)
             x = self._randint(im.shape[2] - hp + 1)
             crop = im[:, y : y + hp, x : x + hp]

@@ -27,7 +27,7 @@ from esc_stream.models.blocks import Block
 from esc_stream.tiling import upscale_tensor
 
 from . import distributed
-from .data import PatchSampler, bicubic_down, load_images, rank_seed
+from .data import SAMPLINGS, PatchSampler, bicubic_down, load_images, rank_seed, rescaled
 from .monitor import Monitor
 
 # Set (to anything) by tests: at the end of a run each rank writes <out>/digest_rank<R>.txt, the SHA-256 of its
@@ -71,6 +71,10 @@ class TrainConfig:
     val_dir: str = "../shared/data/kodak24"
     lr_patch: int = 48
     batch: int = 8
+    # extra copies of every training image downscaled by these factors (e.g. [0.9, 0.8, 0.7, 0.6]); none by default
+    rescale: list[float] = field(default_factory=list)
+    # how a patch's image is chosen: "image" (each equally likely) or "area" (each crop position equally likely)
+    sampling: str = "image"
     val_limit: int = 6
     val_crop: int = 256
     iters: int = 100_000
@@ -104,6 +108,10 @@ class TrainConfig:
             flat["betas"] = tuple(flat["betas"])
         if flat.get("amp", "") not in AMP_MODES:
             raise ValueError(f'{path}: amp must be "bf16", "bf16-always" or "" (off), not {flat["amp"]!r}')
+        if flat.get("sampling", "image") not in SAMPLINGS:
+            raise ValueError(f'{path}: sampling must be "image" or "area", not {flat["sampling"]!r}')
+        if not all(isinstance(f, int | float) and 0 < f < 1 for f in flat.get("rescale", [])):
+            raise ValueError(f"{path}: rescale factors must lie between 0 and 1, not {flat['rescale']!r}")
         if flat.get("loss", "l1") not in LOSSES:
             raise ValueError(f'{path}: loss must be "l1" or "l2", not {flat["loss"]!r}')
         return cls(**flat)
@@ -203,8 +211,9 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: lr_factor(cfg, it))
+        train_images = images if images is not None else load_images(cfg.train_dir)
         self.sampler = PatchSampler(
-            images if images is not None else load_images(cfg.train_dir), cfg.scale, cfg.lr_patch, cfg.batch
+            rescaled(train_images, cfg.rescale), cfg.scale, cfg.lr_patch, cfg.batch, cfg.sampling
         )
         self.sampler.seed(rank_seed(cfg.seed, self.rank))
         self.iter = 0
