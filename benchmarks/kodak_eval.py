@@ -25,8 +25,7 @@ from esc_stream.checkpoints import load_model  # noqa: E402
 from esc_stream.metrics import psnr_y  # noqa: E402
 from esc_stream.resize import imresize  # noqa: E402
 from esc_stream.tiling import upscale_tensor  # noqa: E402
-from training.data import bicubic_down, list_images, read_rgb  # noqa: E402
-from training.release import prepare_for_inference  # noqa: E402
+from training.release import evaluation_pairs, prepare_for_inference  # noqa: E402
 
 
 def ensemble(net, lr: torch.Tensor, scale: int, window: int) -> torch.Tensor:
@@ -56,19 +55,15 @@ def main() -> None:
     prepare_for_inference(model)
     window = int(desc.config["window_size"])
     pads = [int(p) for p in args.pads.split(",")]
-    files = list_images(args.val_dir)[: args.limit or None]
-    if not files:
+    pairs = list(evaluation_pairs(args.val_dir, args.scale, args.limit))
+    if not pairs:
         sys.exit(f"kodak_eval: no images in {args.val_dir}")
     sums: dict[str, float] = {"bicubic": 0.0, **{f"pad {p}": 0.0 for p in pads}}
     if args.ensemble:
         sums["ensemble x8"] = 0.0
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for path in files:
-            hr = read_rgb(path)[None].float() / 255
-            h, w = hr.shape[-2:]
-            hr = hr[..., : h - h % args.scale, : w - w % args.scale]
-            lr = (bicubic_down(hr, args.scale).clamp(0, 1) * 255).round() / 255
+        for hr, lr in pairs:
             sums["bicubic"] += psnr_y(imresize(lr.double(), scale=args.scale).float(), hr, args.scale)
             for p in pads:
                 x = F.pad(lr, (p, p, p, p), mode="reflect") if p else lr
@@ -79,9 +74,9 @@ def main() -> None:
                 sums[f"pad {p}"] += psnr_y(sr, hr, args.scale)
             if args.ensemble:
                 sums["ensemble x8"] += psnr_y(ensemble(model, lr, args.scale, window), hr, args.scale)
-    print(f"{weights.name} x{args.scale}, {len(files)} images of {args.val_dir.name}, {time.perf_counter() - t0:.0f} s")
+    print(f"{weights.name} x{args.scale}, {len(pairs)} images of {args.val_dir.name}, {time.perf_counter() - t0:.0f} s")
     for name, total in sums.items():
-        print(f"  {name:12s} {total / len(files):.4f} dB")
+        print(f"  {name:12s} {total / len(pairs):.4f} dB")
 
 
 if __name__ == "__main__":

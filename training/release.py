@@ -32,6 +32,16 @@ from .data import bicubic_down, list_images, read_rgb
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def evaluation_pairs(val_dir: Path, scale: int, limit: int = 0):
+    """(HR, LR) pairs of a validation folder: HR cropped to a multiple of scale, LR its MATLAB-bicubic downscale
+    quantised to 8 bits (the protocol of the model card's tables); `limit` = only the first N images."""
+    for path in list_images(val_dir)[: limit or None]:
+        hr = read_rgb(path)[None].float() / 255
+        h, w = hr.shape[-2:]
+        hr = hr[..., : h - h % scale, : w - w % scale]
+        yield hr, (bicubic_down(hr, scale).clamp(0, 1) * 255).round() / 255
+
+
 @torch.inference_mode()
 def evaluate(weights: Path, val_dir: Path, scale: int) -> dict[str, float]:
     """Y-channel PSNR/SSIM (border = scale) of the model and of MATLAB-bicubic upscaling, over a folder."""
@@ -39,12 +49,9 @@ def evaluate(weights: Path, val_dir: Path, scale: int) -> dict[str, float]:
     prepare_for_inference(model)
     window = int(desc.config["window_size"])
     sums = dict(psnr=0.0, ssim=0.0, bicubic_psnr=0.0, bicubic_ssim=0.0, seconds=0.0)
-    files = list_images(val_dir)
-    for path in files:
-        hr = read_rgb(path)[None].float() / 255
-        h, w = hr.shape[-2:]
-        hr = hr[..., : h - h % scale, : w - w % scale]
-        lr = (bicubic_down(hr, scale).clamp(0, 1) * 255).round() / 255
+    images = 0
+    for hr, lr in evaluation_pairs(val_dir, scale):
+        images += 1
         t0 = time.perf_counter()
         sr = upscale_tensor(model, lr, scale, window)
         sums["seconds"] += time.perf_counter() - t0
@@ -53,7 +60,7 @@ def evaluate(weights: Path, val_dir: Path, scale: int) -> dict[str, float]:
         sums["ssim"] += ssim_y(sr, hr, scale)
         sums["bicubic_psnr"] += psnr_y(bic, hr, scale)
         sums["bicubic_ssim"] += ssim_y(bic, hr, scale)
-    return {k: v / len(files) for k, v in sums.items()} | {"images": len(files)}
+    return {k: v / images for k, v in sums.items()} | {"images": images}
 
 
 @torch.inference_mode()
