@@ -216,6 +216,22 @@ def test_release_evaluation_on_a_folder(tmp_path):
     assert m["psnr"] != m["bicubic_psnr"]
 
 
+def test_release_lineage_hours(tmp_path):
+    import argparse
+
+    from training.release import _logged_hours, parse_lineage
+
+    run = tmp_path / "parent"
+    run.mkdir()
+    rows = ["iter,loss,lr,psnr,ssim,bicubic_psnr,seconds", "500,1,1,1,1,1,1800", "1000,1,1,1,1,1,3600"]
+    (run / "log.csv").write_text("\n".join(rows) + "\n")
+    assert _logged_hours(run) == 1.5 and _logged_hours(run, 500) == 0.5
+    assert parse_lineage(f"{run}:500") == (run, 500)
+    for bad in (f"{run}", f"{run}:x", f"{tmp_path}/missing:500"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_lineage(bad)
+
+
 def test_rank_seeds_and_per_rank_sampler_resume(tmp_path):
     assert rank_seed(7, 0) == 7  # single-process runs draw what they always drew
     assert len({rank_seed(7, r) for r in range(4)} | {rank_seed(8, r) for r in range(4)}) == 8

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import re
 import time
 from pathlib import Path
@@ -95,11 +96,25 @@ def before_after(weights: Path, val_dir: Path, scale: int, out: Path, crops: int
 def _run_summary(run: Path) -> tuple[int, float]:
     """(iteration of the best EMA, CPU hours so far) from the run's log."""
     best_iter = int((run / "best.txt").read_text().split()[1])
+    return best_iter, _logged_hours(run)
+
+
+def _logged_hours(run: Path, upto: float = math.inf) -> float:
+    """Hours in a run's log.csv (each row's seconds since the row before), counting rows up to iteration `upto`."""
     seconds = 0.0
     with open(run / "log.csv") as f:
         for row in csv.DictReader(f):
-            seconds += float(row["seconds"])
-    return best_iter, seconds / 3600
+            if int(row["iter"]) <= upto:
+                seconds += float(row["seconds"])
+    return seconds / 3600
+
+
+def parse_lineage(spec: str) -> tuple[Path, int]:
+    """`RUN:ITER`, a run this one started from (init_from or a copy of its checkpoint) and the iteration it left at."""
+    run, sep, it = spec.rpartition(":")
+    if not sep or not it.isdigit() or not (Path(run) / "log.csv").is_file():
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected RUN:ITERATION with RUN a run folder holding log.csv")
+    return Path(run), int(it)
 
 
 def finetune_summary(folder: Path) -> dict[str, float]:
@@ -129,10 +144,14 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=2)
     ap.add_argument("--val", type=Path, default=ROOT.parent / "shared" / "data" / "kodak24")
     ap.add_argument("--finetune", type=Path, help="ship this temporal fine-tune folder's finetuned_ema.safetensors")
+    ap.add_argument("--lineage", type=parse_lineage, action="append", default=[], metavar="RUN:ITER",
+                    help="a run this one started from and the iteration it left at, so that the training time "
+                    "counts its hours too (repeatable)")  # fmt: skip
     args = ap.parse_args()
     best = args.run / "best_ema.safetensors"
     target = ROOT / "esc_stream" / "weights" / f"esc_stream_default_x{args.scale}.safetensors"
     it, hours = _run_summary(args.run)
+    hours += sum(_logged_hours(run, upto) for run, upto in args.lineage)
     snapshot = f"iteration {it}"
     if args.finetune:
         image_model = evaluate(best, args.val, args.scale)
