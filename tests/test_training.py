@@ -9,7 +9,7 @@ from PIL import Image
 
 from esc_stream.checkpoints import load_model
 from esc_stream.resize import imresize
-from training.data import PatchSampler, rank_seed, rescaled
+from training.data import PatchSampler, bicubic_down, rank_seed, rescaled
 from training.monitor import Monitor, plot_curves
 from training.train import TrainConfig, Trainer, lr_factor, train, validate
 
@@ -153,6 +153,39 @@ def test_area_sampling_draws_images_by_their_crop_positions(sampling):
     share_small = (hr.flatten(1).mean(1) > 0.5).float().mean().item()
     expected = 0.1 if sampling == "area" else 0.5
     assert abs(share_small - expected) < 0.05, share_small
+
+
+def _symmetries(t: torch.Tensor) -> list[torch.Tensor]:
+    views = [t, t.flip(-1), t.flip(-2), t.flip(-2, -1)]
+    return views + [v.transpose(-2, -1) for v in views]
+
+
+@pytest.mark.parametrize("context", [0, 2])
+def test_lr_context_makes_patch_lr_that_of_the_whole_image(context):
+    # one crop position: the patch plus 2 LR pixels of context all round; what the sampler returns must be the
+    # whole image's LR at that place (with context) or differ from it at the patch's outer pixels (without)
+    scale, p, c = 2, 8, 2
+    gen = torch.Generator().manual_seed(5)
+    image = torch.randint(0, 256, (3, (p + 2 * c) * scale, (p + 2 * c) * scale), generator=gen, dtype=torch.uint8)
+    whole_lr = bicubic_down(image.float().unsqueeze(0) / 255.0, scale)[0]
+    whole_lr = (whole_lr.clamp(0, 1) * 255.0).round() / 255.0
+    inside = (slice(None), slice(c * scale, -c * scale), slice(c * scale, -c * scale))
+    want_lr, want_hr = whole_lr[:, c : c + p, c : c + p], image[inside].float() / 255
+    if not context:  # without context the image is cropped to the patch's own pixels (one position again)
+        image = image[inside]
+    sampler = PatchSampler([image], scale=scale, lr_patch=p, batch=16, lr_context=context)
+    sampler.seed(1)
+    lr, hr = sampler.sample()
+    assert lr.shape == (16, 3, p, p) and hr.shape == (16, 3, p * scale, p * scale)
+    for lr_k, hr_k in zip(lr, hr, strict=True):
+        (k,) = [i for i, v in enumerate(_symmetries(want_hr)) if torch.equal(v, hr_k)]
+        expect = _symmetries(want_lr)[k]
+        inner = (slice(None), slice(2, -2), slice(2, -2))
+        assert torch.allclose(lr_k[inner], expect[inner], atol=1.5 / 255)
+        if context:
+            assert torch.allclose(lr_k, expect, atol=1.5 / 255)
+        else:
+            assert (lr_k - expect).abs().max() > 4 / 255
 
 
 def test_config_checks_sampling_and_rescale(tmp_path):

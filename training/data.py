@@ -93,15 +93,28 @@ class PatchSampler(SeededSampler):
     """
 
     def __init__(
-        self, images: list[torch.Tensor], scale: int, lr_patch: int, batch: int, sampling: str = "image"
+        self,
+        images: list[torch.Tensor],
+        scale: int,
+        lr_patch: int,
+        batch: int,
+        sampling: str = "image",
+        lr_context: int = 0,
     ) -> None:
         if sampling not in SAMPLINGS:
             raise ValueError(f'sampling must be "image" or "area", not {sampling!r}')
+        if lr_context < 0:
+            raise ValueError(f"lr_context must be 0 or more, not {lr_context}")
         self.scale = scale
         self.lr_patch = lr_patch
         self.batch = batch
         self.sampling = sampling
-        hr_patch = lr_patch * scale
+        # LR pixels of real image kept around each patch while it is downscaled, then cut away: with 0 the crop is
+        # downscaled alone and its outer LR pixels see the resize's mirrored border instead of the image beyond
+        # the crop, unlike any pixel inside a frame (bicubic x1/2 and x1/4 reach 2 LR pixels, so 2 makes every
+        # LR pixel of the patch exactly what downscaling the whole image gives)
+        self.lr_context = lr_context
+        hr_patch = (lr_patch + 2 * lr_context) * scale
         self.images = [im for im in images if im.shape[1] >= hr_patch and im.shape[2] >= hr_patch]
         if not self.images:
             raise ValueError(f"no training image is at least {hr_patch}x{hr_patch}")
@@ -118,7 +131,7 @@ class PatchSampler(SeededSampler):
         return self.images[self._randint(len(self.images))]
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        hp = self.lr_patch * self.scale
+        hp = (self.lr_patch + 2 * self.lr_context) * self.scale
         crops = []
         for _ in range(self.batch):
             im = self._image()
@@ -136,6 +149,10 @@ class PatchSampler(SeededSampler):
         lr = bicubic_down(hr, self.scale)
         # LR is quantised to 8 bits, as a real decoded frame would be
         lr = (lr.clamp(0, 1) * 255.0).round() / 255.0
+        if self.lr_context:
+            c, p, s = self.lr_context, self.lr_patch, self.scale
+            lr = lr[..., c : c + p, c : c + p].contiguous()
+            hr = hr[..., c * s : (c + p) * s, c * s : (c + p) * s].contiguous()
         return lr, hr
 
 

@@ -75,6 +75,9 @@ class TrainConfig:
     rescale: list[float] = field(default_factory=list)
     # how a patch's image is chosen: "image" (each equally likely) or "area" (each crop position equally likely)
     sampling: str = "image"
+    # LR pixels of image context around each patch while its LR is made (see PatchSampler); 0 keeps older runs'
+    # patches, 2 makes every patch's LR exactly that of the whole image
+    lr_context: int = 0
     val_limit: int = 6
     val_crop: int = 256
     iters: int = 100_000
@@ -213,7 +216,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: lr_factor(cfg, it))
         train_images = images if images is not None else load_images(cfg.train_dir)
         self.sampler = PatchSampler(
-            rescaled(train_images, cfg.rescale), cfg.scale, cfg.lr_patch, cfg.batch, cfg.sampling
+            rescaled(train_images, cfg.rescale), cfg.scale, cfg.lr_patch, cfg.batch, cfg.sampling, cfg.lr_context
         )
         self.sampler.seed(rank_seed(cfg.seed, self.rank))
         self.iter = 0
