@@ -53,6 +53,12 @@ VARIANTS: dict[str, VariantSpec] = {
         "ESC",
         {**_ESC, "dim": 48, "pdim": 12, "n_blocks": 3, "conv_blocks": 4, "window_size": 16, "num_heads": 3},
     ),
+    # esc_medium with a fourth block (about 1.3x its FLOPs), grown from a trained esc_medium the same way
+    "esc_large": VariantSpec(
+        "esc_large",
+        "ESC",
+        {**_ESC, "dim": 48, "pdim": 12, "n_blocks": 4, "conv_blocks": 4, "window_size": 16, "num_heads": 3},
+    ),
     # esc_small's body as the encoder of a narrower LTE decoder: for CPU training of the arbitrary-scale model
     "esc_lte_small": VariantSpec(
         "esc_lte_small",
