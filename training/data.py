@@ -114,7 +114,8 @@ class PatchSampler(SeededSampler):
         # the crop, unlike any pixel inside a frame (bicubic x1/2 and x1/4 reach 2 LR pixels, so 2 makes every
         # LR pixel of the patch exactly what downscaling the whole image gives)
         self.lr_context = lr_context
-        hr_patch = (lr_patch + 2 * lr_context) * scale
+        # the HR crop drawn per patch: the patch and its context
+        self.hr_crop = hr_patch = (lr_patch + 2 * lr_context) * scale
         self.images = [im for im in images if im.shape[1] >= hr_patch and im.shape[2] >= hr_patch]
         if not self.images:
             raise ValueError(f"no training image is at least {hr_patch}x{hr_patch}")
@@ -131,7 +132,7 @@ class PatchSampler(SeededSampler):
         return self.images[self._randint(len(self.images))]
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        hp = (self.lr_patch + 2 * self.lr_context) * self.scale
+        hp = self.hr_crop
         crops = []
         for _ in range(self.batch):
             im = self._image()
