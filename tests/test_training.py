@@ -57,6 +57,23 @@ def test_resume_is_bit_exact(tmp_path):
     assert resumed.iter == 4
 
 
+def test_a_branch_resumes_with_its_own_lr_and_milestones(tmp_path):
+    """A decay or fine-tune branch copies a run's last.pth and changes the schedule in its run file."""
+    first = Trainer(_cfg(tmp_path, lr=5e-4, warmup=1, milestones=[100]), _images())
+    first.step(), first.step()
+    first.save(tmp_path / "half.pth")
+    branch_cfg = _cfg(tmp_path, lr=1e-4, warmup=1, milestones=[2, 3], gamma=0.5)
+    branch = Trainer(branch_cfg, _images())
+    branch.resume(tmp_path / "half.pth")
+    assert branch.checkpoint_lr == 5e-4
+    lrs = []
+    for _ in range(2):
+        lrs.append(branch.opt.param_groups[0]["lr"])  # the lr the next step uses
+        branch.step()
+    lrs.append(branch.opt.param_groups[0]["lr"])
+    assert lrs == [1e-4 * 0.5, 1e-4 * 0.25, 1e-4 * 0.25]
+
+
 def test_bf16_autocast_steps_resume_and_keep_float32_state(tmp_path):
     torch.set_num_threads(1)
     try:

@@ -220,6 +220,7 @@ class Trainer:
         )
         self.sampler.seed(rank_seed(cfg.seed, self.rank))
         self.iter = 0
+        self.checkpoint_lr = cfg.lr  # the base lr of the run a resumed checkpoint came from
         self.resumed_sampler = True
         # bf16 autocast only where the hardware has it, unless forced (see TrainConfig.amp)
         self.bf16 = cfg.amp == "bf16-always" or (cfg.amp == "bf16" and native_bf16(self.device))
@@ -266,6 +267,8 @@ class Trainer:
         st = ckpt["train_state"]
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
+        self.checkpoint_lr = float(self.sched.base_lrs[0])
+        self.apply_schedule()
         ranks = st.get("sampler_rng_ranks") or []
         if self.rank < len(ranks):
             self.sampler.generator.set_state(ranks[self.rank])
@@ -276,6 +279,19 @@ class Trainer:
             self.resumed_sampler = False
         torch.set_rng_state(st["torch_rng"])
         self.iter = int(st["iter"])
+
+    def apply_schedule(self) -> None:
+        """Make the run file the schedule's source of truth after a resume.
+
+        LambdaLR's state carries the base lr of the run that wrote the checkpoint and the optimizer the lr of its
+        last step, while the factor (warm-up, milestones, gamma) comes from this run's config: a branch that changes
+        `lr` or the milestones would otherwise run one step at the old lr, then the old base with the new factors.
+        With an unchanged config the values are recomputed bit-identically, so resuming stays exact.
+        """
+        self.sched.base_lrs = [self.cfg.lr for _ in self.sched.base_lrs]
+        for group in self.opt.param_groups:
+            group["initial_lr"] = self.cfg.lr
+            group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.sched.last_epoch)
 
 
 def weights_digest(*state_dicts: dict[str, torch.Tensor]) -> str:
@@ -359,6 +375,8 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv, device: torch.device, log
     if last.exists():
         trainer.resume(last)
         log(f"resumed from {last} at iteration {trainer.iter}")
+        if trainer.checkpoint_lr != cfg.lr:
+            log(f"lr {cfg.lr:g} from the run file (the checkpoint's run had {trainer.checkpoint_lr:g})")
         if not all(distributed.gather(trainer.resumed_sampler)):
             log("note: the checkpoint has no sampler state for some ranks (fewer ranks wrote it); they start afresh")
     main = env.is_main
