@@ -78,6 +78,10 @@ class TrainConfig:
     # LR pixels of image context around each patch while its LR is made (see PatchSampler); 0 keeps older runs'
     # patches, 2 makes every patch's LR exactly that of the whole image
     lr_context: int = 0
+    # each training image downscaled by this factor once, as it is read (e.g. 0.5 for large JPEG photographs)
+    prescale: float = 1.0
+    # patches flatter than this (mean |neighbour difference|, 0..255) are redrawn a few times (see PatchSampler)
+    min_texture: float = 0.0
     val_limit: int = 6
     val_crop: int = 256
     iters: int = 100_000
@@ -115,6 +119,8 @@ class TrainConfig:
             raise ValueError(f'{path}: sampling must be "image" or "area", not {flat["sampling"]!r}')
         if not all(isinstance(f, int | float) and 0 < f < 1 for f in flat.get("rescale", [])):
             raise ValueError(f"{path}: rescale factors must lie between 0 and 1, not {flat['rescale']!r}")
+        if not 0 < flat.get("prescale", 1.0) <= 1:
+            raise ValueError(f"{path}: prescale must lie in (0, 1], not {flat['prescale']!r}")
         if flat.get("loss", "l1") not in LOSSES:
             raise ValueError(f'{path}: loss must be "l1" or "l2", not {flat["loss"]!r}')
         return cls(**flat)
@@ -214,9 +220,15 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: lr_factor(cfg, it))
-        train_images = images if images is not None else load_images(cfg.train_dir)
+        train_images = images if images is not None else load_images(cfg.train_dir, prescale=cfg.prescale)
         self.sampler = PatchSampler(
-            rescaled(train_images, cfg.rescale), cfg.scale, cfg.lr_patch, cfg.batch, cfg.sampling, cfg.lr_context
+            rescaled(train_images, cfg.rescale),
+            cfg.scale,
+            cfg.lr_patch,
+            cfg.batch,
+            cfg.sampling,
+            cfg.lr_context,
+            cfg.min_texture,
         )
         self.sampler.seed(rank_seed(cfg.seed, self.rank))
         self.iter = 0

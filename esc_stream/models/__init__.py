@@ -59,6 +59,13 @@ VARIANTS: dict[str, VariantSpec] = {
         "ESC",
         {**_ESC, "dim": 48, "pdim": 12, "n_blocks": 4, "conv_blocks": 4, "window_size": 16, "num_heads": 3},
     ),
+    # the `fast` tier (esc-stream's own): one block of 16 channels, 8x8 windows with one head, two ConvAttn layers
+    # sharing a 13x13 kernel on 8 channels. Sized to run at FSRCNN's speed through esc_stream.load on 2 CPU cores.
+    "esc_fast": VariantSpec(
+        "esc_fast",
+        "ESC",
+        {**_ESC, "dim": 16, "pdim": 8, "n_blocks": 1, "conv_blocks": 2, "window_size": 8, "num_heads": 1},
+    ),
     # esc_small's body as the encoder of a narrower LTE decoder: for CPU training of the arbitrary-scale model
     "esc_lte_small": VariantSpec(
         "esc_lte_small",
