@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml vs_plugin/esc_vs.c
 	[ -x $(PY) ] || "$$py" -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[train,dev,demo,onnx,ray]'
-	$(PY) -m vs_plugin.build   # core.esc shim -> VapourSynth's autoload folder, then `vapoursynth config`
+	$(PY) -m esc_stream.vapoursynth.build   # core.esc shim -> VapourSynth's autoload folder, then `vapoursynth config`
 	@touch $(STAMP)
 
 example: $(STAMP)
@@ -45,7 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/vs_speed.py
 
 vs-plugin: $(STAMP)
-	$(PY) -m vs_plugin.build --force
+	$(PY) -m esc_stream.vapoursynth.build --force
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache

@@ -44,7 +44,7 @@ def main() -> int:
         return 0
 
     from esc_stream.checkpoints import ModelDescriptor
-    from esc_stream.cuda.engine import CudaFrames, CudaOptions, accelerate
+    from esc_stream.cuda.accelerate import CudaFrames, CudaOptions, accelerate
     from esc_stream.models import VARIANTS
     from esc_stream.reparam import prepare_for_inference
     from esc_stream.upscaler import Upscaler

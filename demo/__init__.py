@@ -1,6 +1,7 @@
-"""Web demo: `esc-video demo` / `python -m demo` serves a Gradio page that upscales images and short videos.
+"""Web demo: `esc-video demo` / `python -m esc_stream.demo` serves a Gradio page that upscales images and short videos.
 
 This module stays light (no Gradio, no torch) because `esc-video` builds its parser from it on every run.
+Installed as `esc_stream.demo` (the repository keeps it in demo/); it uses esc-stream's public functions only.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _at_least(minimum: float, kind: type = int, maximum: float = float("inf")):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The demo's options, shared by `esc-video demo` and `python -m demo`."""
+    """The demo's options, shared by `esc-video demo` and `python -m esc_stream.demo`."""
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine)")
     p.add_argument("--port", type=_at_least(1, int, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--max-upload-mb", type=_at_least(1), default=100, help="largest upload in MB (default 100)")
@@ -90,6 +91,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m demo", description="esc-stream web demo (Gradio, CPU)")
+    ap = argparse.ArgumentParser(prog="python -m esc_stream.demo", description="esc-stream web demo (Gradio, CPU)")
     add_arguments(ap)
     return run(ap.parse_args(argv))

@@ -1,4 +1,4 @@
-"""`python -m demo`: the same as `esc-video demo`."""
+"""`python -m esc_stream.demo`: the same as `esc-video demo`."""
 
 import sys
 

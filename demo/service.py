@@ -25,12 +25,11 @@ import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from esc_stream.checkpoints import CheckpointError
-from esc_stream.cli import _resample, _upscale_plane
-from esc_stream.images import ImageError, Picture, read_image, write_image
+from esc_stream.errors import CheckpointError, ImageError, UserError, VideoError
+from esc_stream.images import Picture, read_image, upscale_picture, write_image
 from esc_stream.upscaler import Upscaler, load
 from esc_stream.video.colour import target_size
-from esc_stream.video.probe import VideoError, VideoInfo, probe
+from esc_stream.video.probe import VideoInfo, probe
 from esc_stream.video.transcode import TranscodeOptions, transcode
 
 IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "BMP": "BMP", "TIFF": "TIFF"}
@@ -42,8 +41,8 @@ VIDEO_DEMUXERS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi"}
 MP4_AUDIO = {"aac", "mp3", "alac", "flac", "opus", "ac3", "eac3"}
 
 
-class DemoError(Exception):
-    """A problem the user can fix, shown on the page as one line."""
+class DemoError(UserError):
+    """A problem the user can fix (an upload, a control), shown on the page as one line."""
 
 
 @dataclass(frozen=True)
@@ -325,13 +324,11 @@ def upscale_image(src: Path, settings: Settings, models: Models, limits: Limits,
     size = _output_size(w, h, None, up.scale, settings, limits)
     t0 = time.perf_counter()
     # an exact size: arbitrary-scale models render it directly, the others run at their scale and are resampled
-    rgb = np.asarray(up.upscale_to(pic.rgb, size) if settings.size else up(pic.rgb))
-    alpha = _upscale_plane(up, pic.alpha) if pic.alpha is not None else None
-    if alpha is not None and alpha.shape[:2] != rgb.shape[:2]:
-        alpha = _resample(alpha, *size)
+    out = upscale_picture(up, pic, size if settings.size else None)
+    rgb, alpha = out.rgb, out.alpha
     seconds = time.perf_counter() - t0
     tag = f"x{up.scale}" if not settings.size else f"{size[0]}x{size[1]}"
-    png = write_image(out_dir / f"{_stem(src)}_{tag}.png", Picture(rgb, alpha))
+    png = write_image(out_dir / f"{_stem(src)}_{tag}.png", out)
     bits = 16 if rgb.dtype == np.uint16 else 8
     text = (
         f"{w}×{h} → **{rgb.shape[1]}×{rgb.shape[0]}** ({bits}-bit{', alpha' if alpha is not None else ''}) "

@@ -17,11 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CheckpointError
 from .models import ARCHS, VARIANTS
+from .models.flashbias import flashbias_layout, use_factored_bias
 
-
-class CheckpointError(ValueError):
-    """A file that cannot be used as an ESC checkpoint; the message names the file and the reason."""
+__all__ = [
+    "CheckpointError",
+    "ModelDescriptor",
+    "describe_state_dict",
+    "load_model",
+    "read_state_dict",
+    "save_checkpoint",
+    "state_dict_from_model",
+]
 
 
 @dataclass(frozen=True)
@@ -37,8 +45,6 @@ class ModelDescriptor:
         config = {k: v for k, v in self.config.items() if k != "flashbias_rank"}
         model = ARCHS[self.arch](**config, upscaling_factor=self.scale)
         if "flashbias_rank" in self.config:  # official FlashBias checkpoint: factors in place of the bias table
-            from .cuda.attention import use_factored_bias
-
             use_factored_bias(model, int(self.config["flashbias_rank"]))
         return model
 
@@ -115,8 +121,6 @@ def describe_state_dict(sd: dict[str, torch.Tensor]) -> ModelDescriptor:
     dim = sd["proj.weight"].shape[0]
     n_blocks = _count(sd, r"blocks\.(\d+)\.")
     conv_blocks = _count(sd, r"blocks\.0\.pconvs\.(\d+)\.")
-    from .cuda.attention import flashbias_layout  # torch only, no cupy
-
     flashbias = flashbias_layout(sd)
     if flashbias is not None:
         num_heads, window, _ = flashbias

@@ -1,4 +1,5 @@
-"""Still-image I/O for the `image` command: 8- and 16-bit, alpha, EXIF orientation, atomic writes."""
+"""Still pictures: read and write them (8- and 16-bit, alpha, EXIF orientation, atomic writes) and upscale
+them whole, alpha included, to the model's scale or to an exact size."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ImageError
 
-class ImageError(ValueError):
-    """An image that cannot be read or written; the message names the file."""
+if TYPE_CHECKING:  # torch loads lazily: the CLI imports this module to check paths before any model loads
+    from .upscaler import Upscaler
+
+__all__ = ["ImageError", "Picture", "check_output", "read_image", "upscale_picture", "write_image"]
 
 
 @dataclass
@@ -135,3 +140,19 @@ def write_image(path: str | Path, pic: Picture) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def upscale_picture(upscaler: Upscaler, pic: Picture, size: tuple[int, int] | None = None) -> Picture:
+    """`pic` upscaled at the model's scale, or to exactly `size` = (width, height); the sample type (8 or 16
+    bits) is kept and alpha is upscaled like a grey picture. An arbitrary-scale model renders `size` directly;
+    any other runs at its scale and the result is resampled (MATLAB bicubic, antialiased) before rounding."""
+    rgb = upscaler(pic.rgb) if size is None else upscaler.upscale_to(pic.rgb, size)
+    alpha = None if pic.alpha is None else _upscale_plane(upscaler, pic.alpha, size)
+    return Picture(np.asarray(rgb), alpha)
+
+
+def _upscale_plane(upscaler: Upscaler, plane: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    peak = np.iinfo(plane.dtype).max
+    grey = np.repeat(plane[..., None], 3, axis=2).astype(np.float32) / peak
+    out = np.asarray(upscaler(grey) if size is None else upscaler.upscale_to(grey, size))
+    return np.rint(out.mean(axis=2) * peak).astype(plane.dtype)

@@ -16,24 +16,23 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch loads lazily: `esc-video --help` registers export-onnx from this module
+from .errors import ExportError
+
+if TYPE_CHECKING:  # torch loads lazily: `esc-video --help` reads DEFAULT_OPSET from this module
     import torch
     from torch import nn
 
 DEFAULT_OPSET = 23  # the first opset with a fused Attention operator
 
 
-class OnnxExportError(RuntimeError):
-    """Export or verification failed; the message says what."""
-
-
-def _window(model: nn.Module) -> int:
+def window_size_of(model: nn.Module) -> int:
+    """The attention window of an ESC network (or of an arbitrary-scale model's encoder): inputs are multiples."""
     window = getattr(model, "window_size", None)
     if window is None:
         encoder = getattr(model, "encoder", None)
         window = getattr(encoder, "window_size", None)
     if not isinstance(window, int):
-        raise OnnxExportError(f"{type(model).__name__} is not an ESC network with a window size")
+        raise ExportError(f"{type(model).__name__} is not an ESC network with a window size")
     return window
 
 
@@ -60,9 +59,9 @@ def export_onnx(model: nn.Module, out: str | Path, *, opset: int = DEFAULT_OPSET
 
     out = Path(out)
     if getattr(model, "arbitrary_scale", False):
-        raise OnnxExportError("arbitrary-scale (LTE) models cannot be exported to ONNX yet")
+        raise ExportError("arbitrary-scale (LTE) models cannot be exported to ONNX yet")
     net = prepare_for_inference(copy.deepcopy(model)).float().cpu()
-    window = _window(net)
+    window = window_size_of(net)
     example = torch.rand(1, 3, 2 * window, 3 * window)
     rows, cols = Dim("rows", min=1, max=1024), Dim("cols", min=1, max=1024)
     tmp = out.with_name(out.name + ".partial")
@@ -81,14 +80,14 @@ def export_onnx(model: nn.Module, out: str | Path, *, opset: int = DEFAULT_OPSET
                 verbose=False,
             )
         if program is None:
-            raise OnnxExportError("the exporter returned no program")
+            raise ExportError("the exporter returned no program")
         program.save(str(tmp))
         _rename_dims(tmp)
         os.replace(tmp, out)
-    except OnnxExportError:
+    except ExportError:
         raise
     except Exception as exc:  # the exporter raises many kinds; the user gets one line
-        raise OnnxExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -113,7 +112,7 @@ def verify_onnx(path: str | Path, model: nn.Module, sizes: list[tuple[int, int]]
     from .reparam import prepare_for_inference
 
     net = prepare_for_inference(copy.deepcopy(model)).float().cpu()
-    window = _window(net)
+    window = window_size_of(net)
     sizes = sizes or [(window, 2 * window), (3 * window, window)]
     session = _session(str(path))
     gen = torch.Generator().manual_seed(0)
@@ -124,7 +123,7 @@ def verify_onnx(path: str | Path, model: nn.Module, sizes: list[tuple[int, int]]
             ref = net(x).numpy()
         got = session.run(None, {"input": x.numpy()})[0]
         if got.shape != ref.shape:
-            raise OnnxExportError(f"ONNX output shape {got.shape} != torch {ref.shape} for input {h}x{w}")
+            raise ExportError(f"ONNX output shape {got.shape} != torch {ref.shape} for input {h}x{w}")
         worst = max(worst, float(np.abs(got - ref).max()))
     return worst
 
@@ -145,59 +144,3 @@ class OnnxRuntimeNetwork:
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
         outs = [self.session.run(None, {"input": arr[i : i + 1]})[0] for i in range(arr.shape[0])]
         return torch.from_numpy(np.concatenate(outs)).to(x.device, x.dtype)
-
-
-# ---------------------------------------------------------------- `esc-video export-onnx`
-
-
-def add_export_parser(sub) -> None:
-    """Register `export-onnx` on the esc-video sub-command parser (the implementation lives here)."""
-    p = sub.add_parser("export-onnx", help="export a model to ONNX (dynamic height/width), verified with ONNX Runtime")
-    p.add_argument("output", type=Path, help="the .onnx file to write (under a temporary name, then renamed)")
-    p.add_argument("--weights", type=Path, help="ESC checkpoint (.pth or .safetensors; default: the embedded model)")
-    p.add_argument("--scale", type=int, choices=(2, 3, 4), help="scale of the embedded model (default 2)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.set_defaults(func=run_export)
-
-
-def run_export(args) -> int:
-    from .checkpoints import CheckpointError, load_model
-    from .cli import UserError
-    from .upscaler import DefaultModel
-
-    out: Path = args.output
-    if out.suffix.lower() != ".onnx":
-        raise UserError(f"{out}: the output must be a .onnx file")
-    if args.weights is not None and out.resolve() == args.weights.resolve():
-        raise UserError(f"{out}: output would overwrite the input")
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise UserError(f"{out.parent}: no such directory")
-    if args.opset < 23:
-        raise UserError(f"--opset {args.opset}: the window attention needs opset 23 or later")
-    source = args.weights
-    if source is None:
-        default = DefaultModel(args.scale or 2)
-        if not default.exists():
-            raise UserError(f"no embedded default model for x{args.scale}; pass a checkpoint with --weights")
-        source = default.path
-    try:
-        model, desc = load_model(source)
-    except CheckpointError as exc:
-        raise UserError(str(exc)) from None
-    if args.weights is not None and args.scale and args.scale != desc.scale:
-        raise UserError(f"--scale {args.scale} does not match {args.weights}, which is a x{desc.scale} model")
-    try:
-        export_onnx(model, out, opset=args.opset)
-        err = verify_onnx(out, model)
-    except OnnxExportError as exc:
-        raise UserError(f"{source}: {exc}") from None
-    if err > 1e-4:
-        out.unlink(missing_ok=True)
-        raise UserError(f"{out}: ONNX Runtime differs from torch by {err:.1e} (> 1e-4); nothing written")
-    window = _window(model)
-    print(f"{out}: {desc.variant} x{desc.scale}, input 1x3xHxW with H, W multiples of {window}, opset {args.opset}; "
-          f"ONNX Runtime vs torch max-abs {err:.1e}")  # fmt: skip
-    return 0

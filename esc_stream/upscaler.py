@@ -12,7 +12,7 @@ from torch import nn
 
 from .backends import build_network
 from .checkpoints import CheckpointError, ModelDescriptor, load_model
-from .cuda.engine import resolve_device
+from .devices import resolve_device
 from .reparam import prepare_for_inference
 from .tiling import upscale_tensor
 
@@ -68,7 +68,7 @@ class Upscaler:
         self.network = build_network(self.model, backend, self.device, dtype)
         self.cuda_report = None  # on CUDA: fused ConvAttn, FlexAttention/FlashBias, CUDA graphs (esc_stream.cuda)
         if self.device.type == "cuda" and backend == "torch":
-            from .cuda.engine import accelerate
+            from .backends import accelerate_cuda as accelerate
 
             self.network, self.cuda_report = accelerate(self.model, self.network, self.device, dtype)
 

@@ -136,7 +136,7 @@ def test_nvcc_compiles_the_kernels_to_ptx(tmp_path):
 def test_cupy_is_not_imported_on_cpu_paths():
     code = (
         "import sys, torch, esc_stream, esc_stream.cuda, esc_stream.cuda.convattn, esc_stream.cuda.attention;"
-        "import esc_stream.cuda.scheduler, esc_stream.cuda.engine;"
+        "import esc_stream.cuda.scheduler, esc_stream.cuda.accelerate;"
         "up = esc_stream.load(None, device='cpu');"
         "import numpy as np; up(np.zeros((16, 16, 3), np.uint8));"
         "sys.exit(1 if 'cupy' in sys.modules else 0)"
@@ -510,7 +510,7 @@ def test_flashbias_checkpoint_factors_are_used_as_is(tmp_path):
 
 @torch.no_grad()
 def test_enable_cuda_fast_paths_keeps_the_function():
-    from esc_stream.cuda.engine import CudaOptions, enable_cuda_fast_paths
+    from esc_stream.cuda.accelerate import CudaOptions, enable_cuda_fast_paths
     from esc_stream.models import create_model
     from esc_stream.reparam import prepare_for_inference
 
@@ -527,7 +527,7 @@ def test_enable_cuda_fast_paths_keeps_the_function():
 
 @pytest.mark.skipif(importlib_util_find("cupy"), reason="cupy is installed here")
 def test_fused_on_without_cupy_is_one_clear_error():
-    from esc_stream.cuda.engine import CudaOptions, DeviceError, enable_cuda_fast_paths
+    from esc_stream.cuda.accelerate import CudaOptions, DeviceError, enable_cuda_fast_paths
     from esc_stream.models import create_model
 
     with pytest.raises(DeviceError, match=r"pip install 'esc-stream\[cuda\]'"):
@@ -540,7 +540,7 @@ def test_fused_on_without_cupy_is_one_clear_error():
 
 
 def test_device_auto_and_clear_errors():
-    from esc_stream.cuda.engine import DeviceError, resolve_device
+    from esc_stream.devices import DeviceError, resolve_device
 
     assert resolve_device("auto").type == ("cuda" if CUDA else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")
@@ -593,7 +593,7 @@ def test_gpu_fused_kernels_match_torch(shape):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_pipeline_and_upscaler_match_cpu():
     import esc_stream
-    from esc_stream.cuda.engine import CudaFrames
+    from esc_stream.cuda.accelerate import CudaFrames
 
     frames = [np.random.default_rng(i).integers(0, 256, (40, 56, 3), np.uint8) for i in range(6)]
     cpu = esc_stream.load(None, device="cpu")

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from esc_stream.training.train import DIGEST_ENV, weights_digest
 from PIL import Image
-
-from training.train import DIGEST_ENV, weights_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 

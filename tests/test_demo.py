@@ -20,11 +20,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from media import make_clip
-from PIL import Image
-
-import demo
-from demo.service import (
+from esc_stream.demo.service import (
     DemoError,
     Limits,
     Models,
@@ -34,6 +30,10 @@ from demo.service import (
     upscale_image,
     upscale_video,
 )
+from media import make_clip
+from PIL import Image
+
+from esc_stream import demo
 from esc_stream.checkpoints import save_checkpoint
 from esc_stream.cli import build_parser
 from esc_stream.images import Picture, read_image, write_image
@@ -269,7 +269,7 @@ def served(tmp_path_factory):
         )
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
-    from demo.app import build_app, launch
+    from esc_stream.demo.app import build_app, launch
 
     limits = Limits()
     workspace = Workspace(tmp_path_factory.mktemp("work"))

@@ -11,6 +11,8 @@ import av
 import numpy as np
 import pytest
 import torch
+from esc_stream.training.arbitrary import ArbitraryConfig, ArbitraryTrainer, QuerySampler
+from esc_stream.training.train import main as train_main
 from PIL import Image
 from seeded_weights import seeded_tensor
 
@@ -20,8 +22,6 @@ from esc_stream.models import create_model
 from esc_stream.models.lte import ESCLTE, make_coord
 from esc_stream.reparam import prepare_for_inference
 from esc_stream.upscaler import load
-from training.arbitrary import ArbitraryConfig, ArbitraryTrainer, QuerySampler
-from training.train import main as train_main
 
 from .conftest import DATA
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from esc_stream import native
+from esc_stream.backends import prepare_for_training
 from esc_stream.models import create_model
 from esc_stream.models.blocks import WindowAttention
 
@@ -105,7 +106,7 @@ def test_rejects_inputs_of_the_wrong_shape():
 
 
 def _model_grads(model, x, target, native_on, monkeypatch, autocast=False):
-    monkeypatch.setattr(WindowAttention, "native_training", native_on)
+    prepare_for_training(model, native=native_on)
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(x)
@@ -146,6 +147,6 @@ def test_without_the_kernels_training_keeps_pytorch_attention(monkeypatch):
     assert not native.supports_training(torch.zeros(1), 48, 3, 256)
     calls = []
     monkeypatch.setattr(native, "window_attention_train", lambda *a: calls.append(a))
-    model = create_model("esc_small", 2)
+    model = prepare_for_training(create_model("esc_small", 2))
     model(torch.rand(1, 3, 20, 20)).mean().backward()
     assert not calls and model.blocks[0].attn.relative_position_bias.grad is not None

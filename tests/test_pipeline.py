@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from esc_stream.engine.pipeline import run_pipeline
+from esc_stream.video.pipeline import run_pipeline
 
 
 def test_order_and_count():

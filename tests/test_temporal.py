@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from esc_stream.training.clips import ClipSampler, FrameSequence, synthetic_motion
+from esc_stream.training.data import read_rgb
+from esc_stream.training.temporal import clip_loss, flicker, temporal_difference_loss
 from media import SHARED, demo_frames, make_clip
 
 from esc_stream.models import create_model
-from training.clips import ClipSampler, FrameSequence, synthetic_motion
-from training.data import read_rgb
-from training.temporal import clip_loss, flicker, temporal_difference_loss
 
 
 def test_synthetic_motion_is_a_moving_camera(shared_data):
@@ -76,8 +76,9 @@ def test_temporal_fine_tune_step_reduces_flicker_on_a_clip(shared_data):
 
 
 def test_finetune_run_reports_flicker_before_and_after(tmp_path, shared_data):
+    from esc_stream.training.finetune import FinetuneConfig, finetune
+
     from esc_stream.checkpoints import save_checkpoint
-    from training.finetune import FinetuneConfig, finetune
 
     torch.manual_seed(0)
     init = save_checkpoint(tmp_path / "init.safetensors", create_model("esc_small", 2))

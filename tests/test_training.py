@@ -5,13 +5,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from esc_stream.training.data import PatchSampler, bicubic_down, rank_seed, rescaled
+from esc_stream.training.monitor import Monitor, plot_curves
+from esc_stream.training.train import TrainConfig, Trainer, lr_factor, train, validate
 from PIL import Image
 
 from esc_stream.checkpoints import load_model
 from esc_stream.resize import imresize
-from training.data import PatchSampler, bicubic_down, rank_seed, rescaled
-from training.monitor import Monitor, plot_curves
-from training.train import TrainConfig, Trainer, lr_factor, train, validate
 
 
 def _images():
@@ -247,11 +247,11 @@ def test_schedule_and_validation(tmp_path):
 
 def test_release_evaluation_on_a_folder(tmp_path):
     import numpy as np
+    from esc_stream.training.release import evaluate
     from PIL import Image
 
     from esc_stream.checkpoints import save_checkpoint
     from esc_stream.models import create_model
-    from training.release import evaluate
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "val"
@@ -269,7 +269,7 @@ def test_release_evaluation_on_a_folder(tmp_path):
 def test_release_lineage_hours(tmp_path):
     import argparse
 
-    from training.release import _logged_hours, parse_lineage
+    from esc_stream.training.release import _logged_hours, parse_lineage
 
     run = tmp_path / "parent"
     run.mkdir()
@@ -382,9 +382,10 @@ def test_curves_png_from_log(tmp_path):
 
 
 def test_init_from_other_scale_keeps_body_and_fresh_upsampler(tmp_path):
+    from esc_stream.training.train import transfer_weights
+
     from esc_stream.checkpoints import save_checkpoint
     from esc_stream.models import create_model
-    from training.train import transfer_weights
 
     torch.manual_seed(3)
     x2 = create_model("esc_small", 2)

@@ -286,7 +286,7 @@ def test_start_and_duration_trim_every_stream(tmp_path, up, frames):
 
 
 def test_time_arguments_parse_like_ffmpeg(tmp_path):
-    from esc_stream.cli import _seconds
+    from esc_stream.cli.common import seconds as _seconds
 
     assert _seconds("12.5") == 12.5 and _seconds("01:30") == 90 and _seconds("1:02:03.5") == 3723.5
     proc = _run_cli("transcode", "a.mp4", "b.mp4", "--start", "soon")

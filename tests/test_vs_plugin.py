@@ -17,9 +17,10 @@ import esc_stream
 
 vs = pytest.importorskip("vapoursynth")
 
-import vs_plugin  # noqa: E402  (needs vapoursynth)
-from vs_plugin.build import build  # noqa: E402
-from vs_plugin.engine import Batcher, Engine  # noqa: E402
+from esc_stream.vapoursynth.build import build  # noqa: E402
+from esc_stream.vapoursynth.runner import Batcher, NodeRunner  # noqa: E402
+
+from esc_stream import vapoursynth as vs_plugin  # noqa: E402  (needs vapoursynth)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT.parent / "shared" / "data" / "realvideo_demo000"
@@ -243,7 +244,7 @@ def test_frame_time_errors_are_one_line_and_name_the_frame(core, weights, monkey
     def fail(self, n, src, dst):
         raise exc
 
-    monkeypatch.setattr(Engine, "process", fail)
+    monkeypatch.setattr(NodeRunner, "process", fail)
     clip = core.esc.Upscale(core.std.BlankClip(format=vs.RGBS, width=32, height=32, length=2), weights=weights)
     with pytest.raises(vs.Error) as err:
         clip.get_frame(1)

@@ -1,4 +1,5 @@
-"""VapourSynth front end of esc-stream: `core.esc.Upscale` (native shim) and `vs_plugin.upscale` (import style)."""
+"""VapourSynth front end of esc-stream: `core.esc.Upscale` (native shim) and `esc_stream.vapoursynth.upscale`
+(import style). Installed as `esc_stream.vapoursynth` (the repository keeps it in vs_plugin/)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def _ensure_plugin(core: vs.Core) -> None:
 
     path = plugin_path()
     if not path.is_file():
-        raise vs.Error("esc.Upscale: the native plugin is not installed; run `python -m vs_plugin.build`")
+        raise vs.Error("esc.Upscale: the native plugin is not installed; run `python -m esc_stream.vapoursynth.build`")
     core.std.LoadPlugin(str(path))
 
 

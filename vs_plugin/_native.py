@@ -1,6 +1,7 @@
-"""The Python half of `core.esc.Upscale`: the C shim calls `create` at script time and `Engine.process` per frame.
+"""The Python half of `core.esc.Upscale`: the C shim calls `create` at script time and `NodeRunner.process` per
+frame.
 
-Everything a user can get wrong is checked here, before any frame is requested, and raised as `UserError`
+Everything a user can get wrong is checked here, before any frame is requested, and raised as an `EscError`
 (the shim turns it into a one-line vs.Error "esc.Upscale: ..."). No VapourSynth object is touched here:
 the shim builds the graph from the plan this module returns.
 """
@@ -15,9 +16,11 @@ from typing import Any
 import torch
 
 import esc_stream
+from esc_stream.devices import resolve_device
+from esc_stream.errors import CheckpointError, EscError, UserError
 from esc_stream.video.colour import target_size
 
-from .engine import Engine
+from .runner import NodeRunner
 
 # VapourSynth API v4 enums (VapourSynth4.h).
 CF_GRAY, CF_RGB, CF_YUV = 1, 2, 3
@@ -35,28 +38,26 @@ MAX_STREAMS = 16
 Step = tuple[str, str, dict[str, int | str]]
 
 
-class UserError(ValueError):
-    """A bad argument or clip; its message becomes "esc.Upscale: <message>"."""
-
-
 def video_format_id(cf: int, st: int, bits: int, ssw: int, ssh: int) -> int:
     """VS_MAKE_VIDEO_ID of VapourSynth4.h: the preset format constant for these properties."""
     return (cf << 28) | (st << 24) | (bits << 16) | (ssw << 8) | ssh
 
 
-def create(info: dict[str, int], props: dict[str, int], args: dict[str, Any]) -> tuple[Engine, dict[str, Any], int]:
-    """Validate clip and arguments, load the model: (engine, {"pre", "post", "warnings"}, scale)."""
+def create(info: dict[str, int], props: dict[str, int], args: dict[str, Any]) -> tuple[NodeRunner, dict[str, Any], int]:
+    """Validate clip and arguments, load the model: (node runner, {"pre", "post", "warnings"}, scale)."""
     try:
         return _create(info, props, args)
-    except UserError:
-        raise
-    except esc_stream.CheckpointError as exc:
+    except CheckpointError as exc:
         raise UserError(f"weights: {exc}") from None
+    except EscError:  # its message is the one line the user sees
+        raise
     except Exception as exc:  # a bug or an environment problem: keep the type in the one-line message
         raise RuntimeError(f"internal error: {type(exc).__name__}: {exc}") from exc
 
 
-def _create(info: dict[str, int], props: dict[str, int], args: dict[str, Any]) -> tuple[Engine, dict[str, Any], int]:
+def _create(
+    info: dict[str, int], props: dict[str, int], args: dict[str, Any]
+) -> tuple[NodeRunner, dict[str, Any], int]:
     unknown = set(args) - {"scale", "weights", "tile", "overlap", "device", "num_streams", "batch", "width", "height"}
     if unknown:
         raise UserError(f"unknown arguments {sorted(unknown)}")
@@ -67,7 +68,7 @@ def _create(info: dict[str, int], props: dict[str, int], args: dict[str, Any]) -
         raise UserError("the clip has a variable frame size; resize it to one size first")
     pre, post, warnings, half = _colour_plan(info, props)
 
-    device = _device(args.get("device"))
+    device = resolve_device(args.get("device"))  # "auto"/None: CUDA when present
     tile = _int_arg(args, "tile", 0, minimum=0) or None
     overlap = _int_arg(args, "overlap", 64, minimum=0)
     streams = _int_arg(args, "num_streams", 1, minimum=1, maximum=MAX_STREAMS)
@@ -95,8 +96,8 @@ def _create(info: dict[str, int], props: dict[str, int], args: dict[str, Any]) -
             raise UserError(f"scale={scale} but {path.name} is a x{up.scale} model")
 
     post = _resize_plan(info, props, args, up.scale, post)
-    engine = Engine(up, width, height, half=half, batch=batch, streams=streams)
-    return engine, {"pre": pre, "post": post, "warnings": warnings}, up.scale
+    runner = NodeRunner(up, width, height, half=half, batch=batch, streams=streams)
+    return runner, {"pre": pre, "post": post, "warnings": warnings}, up.scale
 
 
 def _resize_plan(info: dict[str, int], props: dict[str, int], args: dict[str, Any], scale: int,
@@ -134,26 +135,6 @@ def _int_arg(args: dict[str, Any], name: str, default: int, minimum: int, maximu
         bounds = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
         raise UserError(f"{name} must be {bounds}, got {value}")
     return int(value)
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device={name!r} but CUDA is not available to torch {torch.__version__}")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UserError(f"device={name!r} but MPS is not available")
-    elif device.type != "cpu":
-        raise UserError(f"device={name!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
-    return device
 
 
 def _colour_plan(info: dict[str, int], props: dict[str, int]) -> tuple[list[Step], list[Step], list[str], bool]:

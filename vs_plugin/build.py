@@ -1,8 +1,8 @@
 """Compile the native shim into VapourSynth's autoload folder and configure vspipe.
 
-    python -m vs_plugin.build              # compile (when out of date) + `vapoursynth config`
-    python -m vs_plugin.build --force      # recompile
-    python -m vs_plugin.build --uninstall  # remove the plugin
+    python -m esc_stream.vapoursynth.build              # compile (when out of date) + `vapoursynth config`
+    python -m esc_stream.vapoursynth.build --force      # recompile
+    python -m esc_stream.vapoursynth.build --uninstall  # remove the plugin
 
 The shim is built with the system C compiler ($CC, else cc), VapourSynth's headers from the wheel and this
 interpreter's headers; it is not linked to libpython (the host process provides it).
@@ -73,7 +73,7 @@ def configure() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vs_plugin.build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m esc_stream.vapoursynth.build", description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="recompile even when up to date")
     parser.add_argument("--uninstall", action="store_true", help="remove the plugin from VapourSynth's folder")
     parser.add_argument("--no-config", action="store_true", help="skip `vapoursynth config`")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = build(force=args.force)
     except (RuntimeError, OSError) as exc:  # no compiler, compile error, read-only site-packages
-        print(f"vs_plugin.build: {exc}", file=sys.stderr)
+        print(f"esc_stream.vapoursynth.build: {exc}", file=sys.stderr)
         return 1
     print(f"esc VapourSynth plugin: {path}")
     if not args.no_config:

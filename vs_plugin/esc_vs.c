@@ -1,9 +1,11 @@
 /*
  * esc-stream's VapourSynth shim: registers namespace `esc` with `Upscale` and hands all decisions and all
- * pixel work to Python (vs_plugin._native). VapourSynth's threads and frame cache do the scheduling; this
- * file only takes the GIL around the two Python calls (the factory at script time, `process` per frame).
+ * pixel work to Python (esc_stream.vapoursynth._native). VapourSynth's threads and frame cache do the
+ * scheduling; this file only takes the GIL around the two Python calls (the factory at script time, `process`
+ * per frame).
  *
- * Built by `python -m vs_plugin.build` into vapoursynth.get_plugin_dir(), where VapourSynth R74+ autoloads it.
+ * Built by `python -m esc_stream.vapoursynth.build` into vapoursynth.get_plugin_dir(), where VapourSynth R74+
+ * autoloads it.
  * Python symbols are left undefined on purpose: they resolve against the host's interpreter (python, vspipe's
  * libpython), so no second copy of Python is ever loaded. Only Python *functions* are used (no data symbols
  * such as Py_None), so the library still loads in a host without Python and fails politely in create.
@@ -26,7 +28,7 @@
 typedef struct {
     VSNode *node;     /* the RGBS/RGBH clip fed to the network */
     VSVideoInfo vi;   /* output: same format, scale times larger */
-    PyObject *engine; /* vs_plugin._native.Engine, owns the model */
+    PyObject *runner; /* esc_stream.vapoursynth._native.NodeRunner, owns the model */
 } EscData;
 
 typedef struct {
@@ -75,17 +77,17 @@ static int python_finalizing(void) {
 #endif
 }
 
-/* Drop an engine: stop its workers, release the model. Skipped while the interpreter shuts down, when taking
+/* Drop a runner: stop its workers, release the model. Skipped while the interpreter shuts down, when taking
  * the GIL from a foreign thread would block forever; the process is exiting then anyway. */
-static void release_engine(PyObject *engine) {
-    if (!engine || !Py_IsInitialized() || python_finalizing())
+static void release_runner(PyObject *runner) {
+    if (!runner || !Py_IsInitialized() || python_finalizing())
         return;
     PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *r = PyObject_CallMethod(engine, "close", NULL);
+    PyObject *r = PyObject_CallMethod(runner, "close", NULL);
     if (!r)
         PyErr_Clear();
     Py_XDECREF(r);
-    Py_DECREF(engine);
+    Py_DECREF(runner);
     PyGILState_Release(gil);
 }
 
@@ -93,7 +95,7 @@ static void VS_CC esc_free(void *instance, VSCore *core, const VSAPI *vsapi) {
     EscData *d = (EscData *)instance;
     (void)core;
     vsapi->freeNode(d->node);
-    release_engine(d->engine);
+    release_runner(d->runner);
     free(d);
 }
 
@@ -146,7 +148,7 @@ static const VSFrame *VS_CC esc_get_frame(int n, int reason, void *instance, voi
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *in = plane_views(vsapi, src, NULL, d->vi.format.numPlanes);
     PyObject *out = in ? plane_views(vsapi, dst, dst, d->vi.format.numPlanes) : NULL;
-    PyObject *r = out ? PyObject_CallMethod(d->engine, "process", "iOO", n, in, out) : NULL;
+    PyObject *r = out ? PyObject_CallMethod(d->runner, "process", "iOO", n, in, out) : NULL;
     if (!r)
         py_error_message(msg, sizeof msg);
     Py_XDECREF(r);
@@ -281,7 +283,7 @@ static void VS_CC esc_create(const VSMap *in, VSMap *out, void *user_data, VSCor
     char msg[MSG_SIZE] = "";
     Step pre[MAX_STEPS] = {0}, post[MAX_STEPS] = {0};
     int npre = 0, npost = 0, scale = 0;
-    PyObject *engine = NULL;
+    PyObject *runner = NULL;
 
     if (!python_ready()) {
         vsapi->mapSetError(out, PREFIX "needs a Python host (a .vpy script, vspipe or the vapoursynth module)");
@@ -310,12 +312,12 @@ static void VS_CC esc_create(const VSMap *in, VSMap *out, void *user_data, VSCor
                                    vi->numFrames);
     PyObject *props = frame_props(vsapi, first);
     PyObject *args = arguments(in, vsapi);
-    PyObject *mod = (info && props && args) ? PyImport_ImportModule("vs_plugin._native") : NULL;
+    PyObject *mod = (info && props && args) ? PyImport_ImportModule("esc_stream.vapoursynth._native") : NULL;
     PyObject *res = mod ? PyObject_CallMethod(mod, "create", "OOO", info, props, args) : NULL;
     PyObject *plan = NULL, *borrowed = NULL;
     if (res && PyArg_ParseTuple(res, "OOi", &borrowed, &plan, &scale) && PyDict_Check(plan)) {
-        engine = borrowed;
-        Py_INCREF(engine);
+        runner = borrowed;
+        Py_INCREF(runner);
         npre = parse_steps(plan, "pre", pre, MAX_STEPS, vsapi);
         npost = npre >= 0 ? parse_steps(plan, "post", post, MAX_STEPS, vsapi) : -1;
         PyObject *warnings = PyDict_GetItemString(plan, "warnings");
@@ -325,13 +327,13 @@ static void VS_CC esc_create(const VSMap *in, VSMap *out, void *user_data, VSCor
                 vsapi->logMessage(mtWarning, w, core);
         }
         if ((npre < 0 || npost < 0) && !PyErr_Occurred())
-            strcpy(msg, "malformed plan from vs_plugin._native.create");
+            strcpy(msg, "malformed plan from esc_stream.vapoursynth._native.create");
     } else if (res && !PyErr_Occurred()) {
-        strcpy(msg, "malformed result from vs_plugin._native.create");
+        strcpy(msg, "malformed result from esc_stream.vapoursynth._native.create");
     }
     if (PyErr_Occurred()) {
         if (!mod)
-            strcpy(msg, "cannot import vs_plugin (is esc-stream installed in this Python?): ");
+            strcpy(msg, "cannot import esc_stream.vapoursynth (is esc-stream installed in this Python?): ");
         py_error_message(msg + strlen(msg), sizeof msg - strlen(msg));
     }
     Py_XDECREF(res);
@@ -347,13 +349,13 @@ static void VS_CC esc_create(const VSMap *in, VSMap *out, void *user_data, VSCor
         goto fail;
     EscData *d = (EscData *)calloc(1, sizeof *d);
     d->node = node;
-    d->engine = engine;
+    d->runner = runner;
     d->vi = *vsapi->getVideoInfo(node);
     d->vi.width *= scale;
     d->vi.height *= scale;
     VSFilterDependency dep = {node, rpStrictSpatial};
     node = vsapi->createVideoFilter2("Upscale", &d->vi, esc_get_frame, esc_free, fmParallel, &dep, 1, d, core);
-    engine = NULL; /* owned by the filter now */
+    runner = NULL; /* owned by the filter now */
     if (!node) {
         snprintf(msg, sizeof msg, "cannot create the filter");
         goto fail;
@@ -373,7 +375,7 @@ fail:
         vsapi->freeFrame(first);
     if (node)
         vsapi->freeNode(node);
-    release_engine(engine);
+    release_runner(runner);
     char full[MSG_SIZE + 32];
     snprintf(full, sizeof full, PREFIX "%s", msg);
     vsapi->mapSetError(out, full);

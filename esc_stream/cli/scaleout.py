@@ -1,7 +1,7 @@
 """`esc-video transcode --ray` and `esc-video batch`: the command-line side of scale-out.
 
-Kept out of cli.py so that cli.py only registers the options and dispatches. Importing this module is
-cheap (no torch, no PyAV, no Ray): it is imported whenever the parser is built.
+Importing this module is cheap (no torch, no PyAV, no Ray): it is imported whenever the parser is built.
+Ray itself is imported on the --ray paths only (esc_stream.scaleout.ray_runner).
 """
 
 from __future__ import annotations
@@ -13,41 +13,40 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-
-def _seconds_positive(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
-    return v
+from ..errors import UserError
+from .common import (
+    ProgressLine,
+    add_encoder_args,
+    add_model_args,
+    load_upscaler,
+    positive,
+    positive_seconds,
+    requested_size,
+    sigterm_as_interrupt,
+    transcode_options,
+)
 
 
 def add_ray_options(p: argparse.ArgumentParser, *, segments: bool) -> None:
     """--ray [ADDRESS] and its companions; shared by transcode (segments=True) and batch."""
-    from ..cli import _positive
-
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run on Ray: ADDRESS of a cluster (ray://host:10001 or host:6379), or none for a local "
                         "runtime on this machine")  # fmt: skip
-    p.add_argument("--workers", type=_positive,
+    p.add_argument("--workers", type=positive,
                    help="tasks at once (default: every CPU of the local runtime or the cluster)")  # fmt: skip
     p.add_argument("--retries", type=int, default=3, help="re-runs of a task whose worker died (default 3)")
     if segments:
-        p.add_argument("--segment", type=_seconds_positive, default=30.0, metavar="SECONDS",
+        p.add_argument("--segment", type=positive_seconds, default=30.0, metavar="SECONDS",
                        help="with --ray: shortest segment, cut at the next keyframe (default 30)")  # fmt: skip
 
 
 def add_batch_parser(sub: Any) -> None:
     """Register `esc-video batch IN_DIR OUT_DIR`."""
-    from ..cli import _add_encoder_args, _add_model_args
-
     p = sub.add_parser("batch", help="upscale every video under a folder (one failure never stops the rest)")
     p.add_argument("input", help="folder to walk (recursively; never written)")
     p.add_argument("output", help="folder for the outputs (same relative paths; created if missing)")
-    _add_model_args(p)
-    _add_encoder_args(p)
+    add_model_args(p)
+    add_encoder_args(p)
     p.add_argument("--ext", help="output container for every file, e.g. .mkv (default: the input's)")
     p.add_argument("--no-audio", action="store_true", help="drop audio streams")
     p.add_argument("--no-subtitles", action="store_true", help="drop subtitle streams")
@@ -57,31 +56,11 @@ def add_batch_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_batch)
 
 
-def _options(args: argparse.Namespace) -> Any:
-    from ..cli import _requested_size
-    from ..video.transcode import TranscodeOptions
-
-    return TranscodeOptions(
-        codec=args.codec,
-        crf=args.crf,
-        preset=args.preset,
-        pix_fmt=args.pix_fmt,
-        encoder_options=dict(args.encoder_option or []),
-        audio=not args.no_audio,
-        subtitles=not args.no_subtitles,
-        overwrite=args.overwrite,
-        size=_requested_size(args),
-    )
-
-
 def _model_spec(args: argparse.Namespace) -> Any:
     """Check the weights here (on the CPU: the head of a cluster may have no GPU), then describe them for tasks."""
-    from ..cli import _load_upscaler
-    from .segments import ModelSpec
+    from ..scaleout.segments import ModelSpec
 
-    up = _load_upscaler(argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": "float32"}))
-    if not up.pretrained:
-        print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
+    up = load_upscaler(argparse.Namespace(**{**vars(args), "device": "cpu", "dtype": "float32"}))
     weights = str(Path(args.weights).resolve()) if args.weights else None
     device = args.device
     backend = getattr(args, "backend", "torch")
@@ -89,8 +68,6 @@ def _model_spec(args: argparse.Namespace) -> Any:
 
 
 def _ray_device(args: argparse.Namespace) -> str:
-    from ..cli import UserError
-
     if args.dtype == "float16" and not (args.device.startswith("cuda") or args.device == "auto"):
         raise UserError("--dtype float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
     return args.device
@@ -100,16 +77,14 @@ class _SegmentProgress:
     """A line per finished segment (where it ran, how long) and the usual frame/fps/ETA line."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from ..cli import _ProgressLine
-
         self.args = args
-        self.bar = _ProgressLine(args.quiet)
+        self.bar = ProgressLine(args.quiet)
         self.frames = self.segments = self.total = 0
         self.t0 = 0.0
         self.info: Any = None
 
     def plan(self, info: Any, segments: list[Any], reused: list[dict[str, Any]]) -> None:
-        from .segments import work_dir
+        from ..scaleout.segments import work_dir
 
         self.info, self.total, self.segments = info, len(segments), len(reused)
         self.frames = sum(int(m["frames"]) for m in reused)
@@ -131,11 +106,7 @@ class _SegmentProgress:
 
 def transcode_on_ray(args: argparse.Namespace, opts: Any) -> int:
     """`transcode --ray`: segments as Ray tasks, joined here; a re-run resumes from the finished segments."""
-    import signal
-
-    from ..cli import UserError
-    from ..video.probe import VideoError
-    from .segments import check_request, run_segmented, work_dir
+    from ..scaleout.segments import check_request, run_segmented, work_dir
 
     if opts.start or opts.duration or opts.resume:
         raise UserError("--start/--duration/--resume do not combine with --ray (a re-run resumes by itself)")
@@ -143,31 +114,23 @@ def transcode_on_ray(args: argparse.Namespace, opts: Any) -> int:
         raise UserError(f"--ray splits files at keyframes; {args.input} is a live input, use it without --ray")
     device = _ray_device(args)
     spec, _ = _model_spec(args)
-    try:  # refuse bad input before a Ray runtime is started or joined
-        check_request(Path(args.input), Path(args.output), spec, opts, args.segment)
-    except VideoError as exc:
-        raise UserError(str(exc)) from None
+    check_request(Path(args.input), Path(args.output), spec, opts, args.segment)  # before Ray starts or is joined
     progress = _SegmentProgress(args)
-
-    old = signal.getsignal(signal.SIGTERM)
-    from .ray_runner import RayRunner, connect, gpu_hint  # the only import of Ray, on this path alone
+    from ..scaleout.ray_runner import RayRunner, connect, gpu_hint  # the only import of Ray, on this path alone
 
     try:
-        with connect(args.ray or None, args.workers):
-            signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own
+        with sigterm_as_interrupt() as arm, connect(args.ray or None, args.workers):
+            arm()  # SIGTERM as Ctrl-C: unfinished tasks are cancelled, finished work is kept
             runner = RayRunner(device=device, retries=args.retries, in_flight=args.workers)
             if (hint := gpu_hint(device)) and not args.quiet:
                 print(hint, file=sys.stderr)
             result = run_segmented(args.input, args.output, spec, opts, runner=runner, segment_seconds=args.segment,
                                    on_plan=progress.plan, on_done=progress.done)  # fmt: skip
-    except VideoError as exc:
-        raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         print(f"esc-video: stopped; finished segments are kept in {work_dir(Path(args.output))}, "
               "run the same command again to resume", file=sys.stderr)  # fmt: skip
         return 130
     finally:
-        signal.signal(signal.SIGTERM, old)
         progress.bar.finish()
     for span in result.bad_spans:
         print(f"warning: {args.input}: {span}", file=sys.stderr)
@@ -177,14 +140,8 @@ def transcode_on_ray(args: argparse.Namespace, opts: Any) -> int:
     return 0
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM as Ctrl-C: unfinished tasks are cancelled, finished work is kept."""
-    raise KeyboardInterrupt
-
-
 def cmd_batch(args: argparse.Namespace) -> int:
-    from ..cli import UserError, _load_upscaler, _ProgressLine
-    from .batch import BatchReport, plan, run_local
+    from ..scaleout.batch import BatchReport, plan, run_local
 
     in_dir, out_dir = Path(args.input), Path(args.output)
     if not in_dir.is_dir():
@@ -192,12 +149,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder")
     if args.ext:
-        from ..video.transcode import CONTAINERS
+        from ..video.encode import CONTAINERS
 
         ext = args.ext if args.ext.startswith(".") else "." + args.ext
         if ext.lower() not in CONTAINERS:
             raise UserError(f"--ext {args.ext}: unknown container; use one of: {' '.join(sorted(CONTAINERS))}")
-    opts = _options(args)
+    opts = transcode_options(args, requested_size(args))
     todo, skipped = plan(in_dir, out_dir, args.ext, args.overwrite)
     report = BatchReport(len(todo) + len(skipped), sys.stderr, args.quiet)
     for r in skipped:
@@ -205,10 +162,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     # outputs that exist were skipped above, so what is left may replace a stale OUT.partial of a killed batch
     opts = replace(opts, overwrite=True)
     if todo and args.ray is None:
-        up = _load_upscaler(args)
-        if not up.pretrained:
-            print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
-        bar = _ProgressLine(args.quiet)
+        up = load_upscaler(args)
+        bar = ProgressLine(args.quiet)
         try:
             run_local(todo, up, opts, report, progress=bar)
         finally:
@@ -220,34 +175,25 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def _batch_on_ray(args: argparse.Namespace, todo: list[tuple[Path, Path]], opts: Any, report: Any) -> None:
     """Each file one Ray task; results are reported in the order they finish."""
-    import signal
-
-    from ..cli import UserError
-    from ..video.probe import VideoError
-    from .batch import FileResult, file_task
+    from ..scaleout.batch import FileResult, file_task
 
     _ray_device(args)
     spec, _ = _model_spec(args)
-    from .ray_runner import connect, gpu_hint, run_files, task_device
+    from ..scaleout.ray_runner import connect, gpu_hint, run_files, task_device
 
     def on_result(key: tuple[Path, Path], r: dict[str, Any]) -> None:
         report(FileResult(key[0], key[1], r["ok"], r["frames"], r["seconds"], r["message"]))
 
-    old = signal.getsignal(signal.SIGTERM)
-    try:
-        with connect(args.ray or None, args.workers):
-            signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own
-            device, gpus = task_device(args.device)
-            if (hint := gpu_hint(args.device)) and not args.quiet:
-                print(hint, file=sys.stderr)
-            items = [((src, dst), (str(src), str(dst), replace(spec, device=device), opts)) for src, dst in todo]
-            for _, dst in todo:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-            failures = run_files(file_task, items, on_result, retries=args.retries, gpus_per_task=gpus,
-                                 in_flight=args.workers)  # fmt: skip
-    except VideoError as exc:  # the cluster, not a file: nothing was done
-        raise UserError(str(exc)) from None
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    # a VideoError here is about the cluster, not a file: nothing was done
+    with sigterm_as_interrupt() as arm, connect(args.ray or None, args.workers):
+        arm()  # after ray.init, which installs a handler of its own
+        device, gpus = task_device(args.device)
+        if (hint := gpu_hint(args.device)) and not args.quiet:
+            print(hint, file=sys.stderr)
+        items = [((src, dst), (str(src), str(dst), replace(spec, device=device), opts)) for src, dst in todo]
+        for _, dst in todo:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+        failures = run_files(file_task, items, on_result, retries=args.retries, gpus_per_task=gpus,
+                             in_flight=args.workers)  # fmt: skip
     for (src, dst), why in failures:
         report(FileResult(src, dst, False, message=why))

@@ -16,7 +16,6 @@ All three compute softmax(q·kᵀ/√d + B)·v for ESC's window attention, B bei
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.blocks import WindowAttention, reflect_pad
+from ..models.flashbias import FactoredBiasWindowAttention
 
 BACKENDS = ("exact", "flex", "flashbias")
 FLASH_MAX_HEAD_DIM = 256  # the largest head dim SDPA's flash kernel takes; q/k/v widths must be multiples of 8
@@ -249,64 +249,3 @@ def swap_window_attention(
         parent.attn = wrapper
         wrapped.append(wrapper)
     return wrapped
-
-
-# ---- FlashBias checkpoints -----------------------------------------------------------------------------------
-
-
-class FactoredBiasWindowAttention(WindowAttention):
-    """Window attention whose bias is stored as the official FlashBias factors (`flashbias_q`, `flashbias_k`,
-    each (heads, N, r)) instead of the relative-position table: bias = flashbias_q · flashbias_kᵀ, exactly."""
-
-    flashbias_q: nn.Parameter
-    flashbias_k: nn.Parameter
-
-    def attention_bias(self) -> torch.Tensor:
-        if self._bias_cache is not None:
-            return self._bias_cache
-        return (self.flashbias_q @ self.flashbias_k.transpose(1, 2)).unsqueeze(0)
-
-
-def flashbias_layout(sd: dict[str, torch.Tensor], prefix: str = "blocks.0.attn.") -> tuple[int, int, int] | None:
-    """(heads, window, rank) when a state dict holds FlashBias factors instead of a bias table, else None."""
-    q = sd.get(prefix + "flashbias_q")
-    if q is None or q.ndim != 3:
-        return None
-    window = math.isqrt(q.shape[1])
-    if window * window != q.shape[1]:
-        raise ValueError(f"{prefix}flashbias_q has {q.shape[1]} positions, not a square window")
-    return int(q.shape[0]), window, int(q.shape[2])
-
-
-def use_factored_bias(model: nn.Module, rank: int) -> nn.Module:
-    """Give every WindowAttention of `model` FlashBias factors of `rank` in place of its table (before loading)."""
-    for m in model.modules():
-        if type(m) is WindowAttention:
-            n = m.window_size**2
-            del m.relative_position_bias
-            m.__class__ = FactoredBiasWindowAttention
-            m.flashbias_q = nn.Parameter(torch.zeros(m.num_heads, n, rank))
-            m.flashbias_k = nn.Parameter(torch.zeros(m.num_heads, n, rank))
-    return model
-
-
-def _main(argv: list[str] | None = None) -> int:
-    """`python -m esc_stream.cuda [WEIGHTS] [--tol T]`: FlashBias rank and bias error per block."""
-    import argparse
-
-    from ..upscaler import load
-
-    parser = argparse.ArgumentParser(description=_main.__doc__)
-    parser.add_argument("weights", nargs="?", help="checkpoint (default: the embedded default model)")
-    parser.add_argument("--tol", type=float, default=DEFAULT_TOLERANCE)
-    args = parser.parse_args(argv)
-    up = load(args.weights, device="cpu", backend="torch-eager")
-    print(f"{up.variant} x{up.scale} ({up.source}), tolerance {args.tol:g}")
-    for name, m in up.model.named_modules():
-        if isinstance(m, WindowAttention):
-            n, hd = m.window_size**2, m.dim // m.num_heads
-            f = factors_of(m, tol=args.tol)
-            print(
-                f"{name}: N={n}, head dim {hd}, rank {f.rank} (limit {rank_limit(hd)}), max |bias error| {f.error:.2e}"
-            )
-    return 0

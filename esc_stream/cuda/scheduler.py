@@ -129,7 +129,7 @@ class StreamPipeline:
     """Run `fn` (device tensor -> device tensor) over host frames with upload ∥ compute ∥ download overlap.
 
     `map(frames)` yields `fn(frame)` for every frame, in order, with up to `depth` frames in flight; `run(frame)`
-    is one frame through the same streams and buffers (what a worker thread of the VapourSynth engine calls).
+    is one frame through the same streams and buffers (what a worker thread of the VapourSynth filter calls).
     One pipeline belongs to one thread at a time.
     """
 

@@ -1,18 +1,18 @@
 """Building blocks shared by the ESC family: LayerNorm, ConvFFN, window attention, ConvAttn.
 
 Module and parameter names follow the official BasicSR implementation so that its checkpoints load
-unchanged. Every block handles batches of any size.
+unchanged. Every block handles batches of any size. Pure torch: faster kernels for a device are installed
+from outside (esc_stream.backends), never imported here.
 """
 
 from __future__ import annotations
 
 import weakref
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .. import native
 
 
 def reflect_pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
@@ -68,14 +68,27 @@ def relative_position_index(window: int) -> torch.Tensor:
     return d_row * (2 * window - 1) + d_col
 
 
+class TrainingKernel(Protocol):
+    """A faster window attention for training: differentiable, on token rows (see `WindowAttention.forward`)."""
+
+    def supports(self, x: torch.Tensor, channels: int, heads: int, tokens: int) -> bool:
+        """Whether it handles attention over `x`'s features with these sizes, here."""
+        ...
+
+    def __call__(self, qkv: torch.Tensor, bias: torch.Tensor, heads: int, tokens: int, scale: float) -> torch.Tensor:
+        """(rows, 3C) q|k|v, (heads, tokens, tokens) bias -> (rows, C) attention output."""
+        ...
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside non-overlapping square windows, with a relative position bias."""
 
     rpe_index: torch.Tensor
-    # Training on a CPU (train mode, gradients on, head size 16): the native kernels of esc_stream.native, forward
+    # Set by esc_stream.backends.prepare_for_training: on a CPU, the native kernels of esc_stream.native (forward
     # and backward in fp32, about 4x the speed of scaled_dot_product_attention's math path and without its
-    # per-window probability tensors. False, or ESC_STREAM_NATIVE=0, keeps scaled_dot_product_attention.
-    native_training = True
+    # per-window probability tensors). Used in train mode with gradients on, where it supports the shapes; None
+    # (the default) keeps scaled_dot_product_attention.
+    training_kernel: TrainingKernel | None = None
 
     def __init__(self, dim: int, window_size: int, num_heads: int) -> None:
         super().__init__()
@@ -120,14 +133,15 @@ class WindowAttention(nn.Module):
         heads, hd = self.num_heads, self.dim // self.num_heads
         n = ws * ws
         grad = torch.is_grad_enabled() and (x.requires_grad or self.to_qkv.weight.requires_grad)
-        if self.training and self.native_training and grad and native.supports_training(x, self.dim, heads, n):
+        kernel = self.training_kernel
+        if self.training and kernel is not None and grad and kernel.supports(x, self.dim, heads, n):
             # tokens as rows, window by window: (b, C, nh*ws, nw*ws) -> (b*nh*nw*ws*ws, C), token t of window w at
             # row w*n + t. The 1x1 projections are then plain GEMMs on the rows, and only C channels (not 3C) are
             # reordered each way.
             rows = x.view(b, self.dim, nh, ws, nw, ws).permute(0, 2, 4, 3, 5, 1).reshape(-1, self.dim)
             qkv_rows = F.linear(rows, self.to_qkv.weight.view(3 * self.dim, self.dim), self.to_qkv.bias)
             bias3 = self.attention_bias().reshape(heads, n, n).float()
-            o = native.window_attention_train(qkv_rows.float(), bias3, heads, n, hd**-0.5)
+            o = kernel(qkv_rows.float(), bias3, heads, n, hd**-0.5)
             o = F.linear(o, self.to_out.weight.view(self.dim, self.dim), self.to_out.bias)  # pointwise: before the crop
             o = o.view(b, nh, nw, ws, ws, self.dim).permute(0, 5, 1, 3, 2, 4).reshape(b, self.dim, hp, wp)
             return o[:, :, :h, :w]

@@ -130,7 +130,7 @@ def transcode_file(src: Path, dst: Path, upscaler: Any, opts: Any, progress: Any
 
 
 def file_task(src: str, dst: str, model: Any, opts: Any) -> dict[str, Any]:
-    """A whole file as one task (runs on a Ray worker): its own upscaler, a normal engine run."""
+    """A whole file as one task (runs on a Ray worker): its own upscaler, a normal pipeline run."""
     r = transcode_file(Path(src), Path(dst), model.load(), opts)
     return {"ok": r.ok, "frames": r.frames, "seconds": r.seconds, "message": r.message}
 

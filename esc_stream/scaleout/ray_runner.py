@@ -95,7 +95,7 @@ def failure_reason(exc: BaseException, retries: int) -> str:
 
 
 def _run_segment(job: Job, seg: Segment, task: SegmentTask, threads: int) -> dict[str, Any]:
-    """Executed on a worker: its own upscaler (cached per worker process), a normal engine run."""
+    """Executed on a worker: its own upscaler (cached per worker process), a normal pipeline run."""
     import torch
 
     torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """Segmented transcode: split the source at keyframes, upscale each segment on its own, join losslessly.
 
 Why segments: from a keyframe on, a decoder needs nothing earlier, so the frames with pts in
-[keyframe k, keyframe k+1) are an independent piece of work. Each segment task is an ordinary engine run
+[keyframe k, keyframe k+1) are an independent piece of work. Each segment task is an ordinary pipeline run
 (decode ∥ upscale ∥ encode, bounded queues) with the final encoder settings, written to a NUT file (NUT
 keeps any time base) in a work folder next to the output, followed by a JSON marker holding the encoder's
 own pts/dts for every packet. The join copies those packets, unchanged, into the final container, puts
@@ -22,7 +22,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -31,20 +31,23 @@ from typing import Any, cast
 import av
 import numpy as np
 
-from ..engine.pipeline import run_pipeline
-from ..video.colour import Colour, frame_to_rgb, pixel_bits, rgb_to_frame
-from ..video.probe import VideoError, VideoInfo, open_input, probe
-from ..video.transcode import (
+from ..errors import VideoError
+from ..video.colour import Colour, frame_to_rgb
+from ..video.encode import (
     DEFAULT_CODEC,
-    TranscodeOptions,
-    _add_copied_streams,
-    _check_paths,
-    _copy_metadata,
-    _finalize,
-    _open_encoder,
+    FrameSink,
+    PacketCopy,
+    add_copied_streams,
+    check_output_path,
+    copy_metadata,
+    finalize,
+    open_encoder,
     output_format,
     partial_path,
 )
+from ..video.pipeline import run_pipeline
+from ..video.probe import VideoInfo, open_input, probe
+from ..video.transcode import TranscodeOptions
 
 # final containers a join can write: all take global codec headers, like the NUT segments
 JOINABLE = {"matroska": ".mkv", "webm": ".webm", "mp4": ".mp4", "mov": ".mov", "nut": ".nut"}
@@ -217,11 +220,10 @@ def encode_segment(job: Job, seg: Segment) -> dict[str, Any]:
                 pass
         out = av.open(str(tmp), mode="w", format=SEGMENT_FORMAT)
         try:
-            ovs = _open_encoder(out, info, up.scale, job.opts, job.fmt)
-            frames = _encode_frames(job, seg, inp, ivs, out, ovs, up, records, bad)
-            for packet in ovs.encode(None):
-                _record(packet, records)
-                out.mux(packet)
+            ovs = open_encoder(out, info, up.scale, job.opts, job.fmt)
+            sink = _RecordingSink(out, ovs, info.colour, up.scale, ivs.time_base, records)
+            frames = _encode_frames(job, seg, inp, ivs, sink, up, bad)
+            sink.flush()
         except BaseException:
             out.close()
             tmp.unlink(missing_ok=True)
@@ -245,13 +247,30 @@ def encode_segment(job: Job, seg: Segment) -> dict[str, Any]:
     return marker
 
 
-def _record(packet: av.Packet, records: list[list[int]]) -> None:
-    """Keep the encoder's own pts, dts and duration: the join restores them exactly, whatever NUT does."""
-    pts = packet.pts if packet.pts is not None else packet.dts
-    dts = packet.dts if packet.dts is not None else pts
-    if pts is None or dts is None:
-        raise VideoError("the encoder gave a packet without timestamps; segments cannot be joined")
-    records.append([int(pts), int(dts), int(packet.duration or 0)])
+class _RecordingSink(FrameSink):
+    """Keeps the encoder's own pts, dts and duration of every packet: the join restores them exactly, whatever
+    NUT does with them."""
+
+    def __init__(
+        self,
+        out: av.container.OutputContainer,
+        stream: av.video.stream.VideoStream,
+        colour: Colour,
+        scale: int,
+        time_base: Fraction,
+        records: list[list[int]],
+    ) -> None:
+        super().__init__(out, stream, colour, scale, time_base)
+        self.records = records
+
+    def mux(self, packets: Iterable[av.Packet]) -> None:
+        for packet in packets:
+            pts = packet.pts if packet.pts is not None else packet.dts
+            dts = packet.dts if packet.dts is not None else pts
+            if pts is None or dts is None:
+                raise VideoError("the encoder gave a packet without timestamps; segments cannot be joined")
+            self.records.append([int(pts), int(dts), int(packet.duration or 0)])
+            self.out.mux(packet)
 
 
 def _encode_frames(
@@ -259,17 +278,13 @@ def _encode_frames(
     seg: Segment,
     inp: av.container.InputContainer,
     ivs: av.video.stream.VideoStream,
-    out: av.container.OutputContainer,
-    ovs: av.video.stream.VideoStream,
+    sink: FrameSink,
     up: Any,
-    records: list[list[int]],
     bad: list[str],
 ) -> int:
-    colour: Colour = job.info.colour
+    """Decode from the segment's keyframe (thread) -> upscale (here) -> encode (thread) the frames of `seg`."""
+    colour = job.info.colour
     tb = ivs.time_base
-    pix_fmt = ovs.codec_context.pix_fmt or "yuv420p"
-    size = (ovs.codec_context.width, ovs.codec_context.height)
-    out_colour = replace(colour, bits=pixel_bits(pix_fmt), height=colour.height * up.scale)
 
     def frames_of(decoded: list[Any]) -> Iterator[tuple[int, np.ndarray]]:
         for frame in cast(list[av.VideoFrame], decoded):
@@ -296,24 +311,10 @@ def _encode_frames(
             return
         yield from frames_of(ivs.codec_context.decode(None))  # stopped early: drain the decoder
 
-    last_pts: int | None = None
-    done = 0
-
-    def consume(item: tuple[int, np.ndarray]) -> None:
-        nonlocal last_pts, done
-        pts, rgb = item
-        if last_pts is not None and pts <= last_pts:  # as a straight run does: duplicates would stop the encoder
-            pts = last_pts + 1
-        last_pts = pts
-        frame = rgb_to_frame(np.asarray(rgb), pix_fmt, out_colour, size)
-        frame.pts, frame.time_base = pts, tb
-        for packet in ovs.encode(frame):
-            _record(packet, records)
-            out.mux(packet)
-        done += 1
-
-    run_pipeline(produce(), lambda item: (item[0], up(item[1])), consume, depth=job.depth)
-    return done
+    # as a straight run does: a repeated pts becomes the previous one + 1 (duplicates would stop the encoder)
+    run_pipeline(produce(), lambda item: (item[0], up(item[1])), lambda item: sink.write(item[1], item[0]),
+                 depth=job.depth)  # fmt: skip
+    return sink.frames
 
 
 def join_segments(job: Job, segments: list[Segment], markers: dict[int, dict[str, Any]], tmp: Path, dst: Path) -> int:
@@ -332,10 +333,10 @@ def join_segments(job: Job, segments: list[Segment], markers: dict[int, dict[str
         try:
             # the video stream is declared exactly as a straight run declares it (rate, colour, aspect, rotation);
             # its encoder only supplies the codec headers, which must be those every segment was encoded with
-            ovs = _open_encoder(out, job.info, job.scale, job.opts, job.fmt)
+            ovs = open_encoder(out, job.info, job.scale, job.opts, job.fmt)
             extradata = ovs.codec_context.extradata
-            copies = _add_copied_streams(inp, out, job.opts, dst)
-            _copy_metadata(inp, out, chapters=True)
+            copies = add_copied_streams(inp, out, dst, audio=job.opts.audio, subtitles=job.opts.subtitles)
+            copy_metadata(inp, out, chapters=True)
             order = itertools.count()
 
             def video() -> Iterator[tuple[float, int, av.Packet]]:
@@ -355,15 +356,12 @@ def join_segments(job: Job, segments: list[Segment], markers: dict[int, dict[str
             def others() -> Iterator[tuple[float, int, av.Packet]]:
                 if not copies:  # demux() without streams would read every stream
                     return
-                last: dict[int, int] = {}
+                copy = PacketCopy()  # repairs non-increasing DTS as transcode does
                 for packet in inp.demux(*(inp.streams[i] for i in copies)):
                     if packet.dts is None or packet.pts is None:
                         continue
                     index = packet.stream.index
-                    if index in last and packet.dts <= last[index]:  # repair non-increasing DTS as transcode does
-                        packet.dts = last[index] + 1
-                        packet.pts = max(packet.pts, packet.dts)
-                    last[index] = packet.dts
+                    copy.repair(packet, index)
                     t = float(packet.dts * packet.stream.time_base)
                     packet.stream = copies[index]
                     yield t, next(order), packet
@@ -472,7 +470,7 @@ def _fingerprint(src: Path, info: VideoInfo, opts: TranscodeOptions, model: Mode
 def check_encoder(info: VideoInfo, scale: int, opts: TranscodeOptions, fmt: str) -> None:
     """Open the encoder once here, in memory, so a bad codec/pixel format/size is one line before any task runs."""
     with av.open(io.BytesIO(), mode="w", format=SEGMENT_FORMAT) as probe_out:
-        _open_encoder(probe_out, info, scale, opts, fmt)
+        open_encoder(probe_out, info, scale, opts, fmt)
 
 
 def check_request(
@@ -482,7 +480,7 @@ def check_request(
     encoder. Returns the source's description, the options with the codec made explicit, the output
     container and the model's scale."""
     opts = opts or TranscodeOptions()
-    _check_paths(src, dst, opts.overwrite)
+    check_output_path(src, dst, opts.overwrite)
     fmt = output_format(dst)
     if fmt not in JOINABLE:
         raise VideoError(f"{dst}: segmented runs write {', '.join(sorted(JOINABLE.values()))} outputs")
@@ -551,7 +549,7 @@ def run_segmented(
         )
     t_enc = time.perf_counter() - t0 - t_plan
     frames = join_segments(job, segments, markers, tmp, dst)
-    _finalize(tmp, dst, fmt)
+    finalize(tmp, dst, fmt)
     folder.remove()
     t_join = time.perf_counter() - t0 - t_plan - t_enc
     bad = [span for s in segments for span in markers[s.index].get("bad_spans", [])]

@@ -10,11 +10,10 @@ from typing import Any
 
 import av
 
+from ..errors import VideoError
 from .colour import Colour, pixel_bits
 
-
-class VideoError(ValueError):
-    """An input or output the transcoder cannot use; the message names the file and the problem."""
+__all__ = ["VideoError", "VideoInfo", "check_pixel_format", "is_live", "open_input", "probe", "probe_container"]
 
 
 @dataclass

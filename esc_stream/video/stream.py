@@ -2,7 +2,7 @@
 
 Unlike `transcode`, nothing here seeks, needs the length, or holds more than a few frames: the input is
 read once, straight through. Four threads share the work: a reader (demux + decode + RGB conversion), the
-engine's run_pipeline (hand-off, upscale in the caller's thread, encode + mux in a consumer thread) and a
+`run_pipeline` (hand-off, upscale in the caller's thread, encode + mux in a consumer thread) and a
 stats reporter. The reader hands frames over through `_Pending`, which either back-pressures the source
 (`block`) or drops the oldest frames (`drop`); the upscale stage drops a frame that could no longer meet
 `max_latency` when a newer one is waiting. Audio packets travel the same path, in demux order, and are never
@@ -19,7 +19,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -29,14 +29,21 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation
 
-from ..engine.pipeline import run_pipeline
-from .colour import Colour, frame_to_rgb, pixel_bits, rgb_to_frame
-from .probe import VideoError, VideoInfo, is_live, open_input, probe_container
-from .transcode import CONTAINERS, TranscodeOptions, _check_paths, _open_encoder, output_geometry, partial_path
+from ..errors import VideoError
+from .colour import frame_to_rgb
+from .encode import (
+    FrameSink,
+    PacketCopy,
+    add_copy,
+    check_output_path,
+    open_encoder,
+    output_format,
+    output_geometry,
+    partial_path,
+)
+from .pipeline import run_pipeline
+from .probe import VideoInfo, is_live, open_input, probe_container
 
-# output container by URL scheme (and for "-"): MPEG-TS is what players and servers take from a pipe or socket
-SCHEME_FORMATS = {"tcp": "mpegts", "udp": "mpegts", "srt": "mpegts", "rtp": "rtp_mpegts", "rtmp": "flv",
-                  "rtmps": "flv", "http": "mpegts", "https": "mpegts", "pipe": "mpegts", "-": "mpegts"}  # fmt: skip
 STREAM_CODEC = {"webm": "libvpx-vp9", "yuv4mpegpipe": "rawvideo"}  # else libx264
 REALTIME = ("block", "drop")
 _RECENT = 300  # frames in the "current" latency window (p95 of the last ~10 s at 30 fps)
@@ -117,21 +124,6 @@ class StreamStats:
         return text + "".join(f", {n} {what}" for n, what in extras if n)
 
 
-def output_format(dst: str, fmt: str | None) -> str:
-    """The container to write: -f, else the URL scheme's usual one, else the file extension's."""
-    if fmt:
-        if fmt not in av.formats_available:
-            raise VideoError(f"-f {fmt}: no such output format in this FFmpeg build")
-        return fmt
-    if dst == "-" or is_live(dst):
-        return SCHEME_FORMATS.get("-" if dst == "-" else dst.split(":", 1)[0].lower(), "mpegts")
-    found = CONTAINERS.get(Path(dst).suffix.lower())
-    if found is None:
-        known = " ".join(sorted(CONTAINERS))
-        raise VideoError(f"{dst}: unknown output container; use -f FORMAT or one of: {known}")
-    return found
-
-
 def check_output(src: str, dst: str, opts: StreamOptions) -> str:
     """Everything about the output that can be refused before the model loads; returns the container."""
     if opts.realtime not in REALTIME:
@@ -140,11 +132,11 @@ def check_output(src: str, dst: str, opts: StreamOptions) -> str:
         raise VideoError("--max-latency must be > 0 seconds")
     if opts.reconnect and not (is_live(src) and src != "-"):
         raise VideoError(f"{src}: --reconnect needs a URL input (a pipe or file cannot be reopened)")
-    fmt = output_format(dst, opts.format)
+    fmt = output_format(dst, opts.format, live=True)
     if dst == "-" and os.isatty(1):
         raise VideoError("stdout is a terminal: pipe it into a player (| ffplay -) or give an output URL or file")
     if not (dst == "-" or is_live(dst)):
-        _check_paths(src if is_live(src) else Path(src), Path(dst), opts.overwrite)
+        check_output_path(src if is_live(src) else Path(src), Path(dst), opts.overwrite)
     return fmt
 
 
@@ -411,60 +403,40 @@ def _fit(rgb: np.ndarray, box: tuple[int, int]) -> np.ndarray:
     return canvas
 
 
-class _Sink:
-    """The output side: encoder + muxer, latency bookkeeping, repair of non-increasing timestamps."""
+class _Sink(FrameSink):
+    """The encoder side of a stream: frames of another aspect fitted, copied audio, and the latency of each
+    frame, measured when its packet has been muxed."""
 
     def __init__(self, out: av.container.OutputContainer, ovs: av.video.stream.VideoStream,
-                 audio: list[av.stream.Stream], colour: Colour, stats: StreamStats, scale: int) -> None:  # fmt: skip
-        self.out, self.ovs, self.audio, self.stats, self.scale = out, ovs, audio, stats, scale
-        cc = ovs.codec_context
-        self.pix_fmt = cc.pix_fmt or "yuv420p"
-        self.size = (cc.width, cc.height)
-        self.colour = Colour(colour.matrix, colour.primaries, colour.transfer, colour.range,
-                             pixel_bits(self.pix_fmt), colour.height * scale)  # fmt: skip
-        self.time_base = cast(Fraction, cc.time_base)
+                 audio: list[av.stream.Stream], info: VideoInfo, stats: StreamStats, scale: int) -> None:  # fmt: skip
+        super().__init__(out, ovs, info.colour, scale, cast(Fraction, ovs.codec_context.time_base))
+        self.audio, self.stats = audio, stats
+        self.copy = PacketCopy()
         self.arrivals: dict[int, float] = {}
-        self.last_pts: int | None = None
-        self.last_dts: dict[int, int] = {}
         self.encode_seconds: collections.deque = collections.deque(maxlen=8)
 
     def consume(self, item: tuple) -> None:
         if item[0] == "packet":
-            self._copy(item[1], self.audio[item[2]])
+            self.copy.mux(self.out, item[1], self.audio[item[2]])
         elif item[0] == "frame":
             self._encode(item)
-
-    def _copy(self, packet: av.Packet, stream: av.stream.Stream) -> None:
-        key = stream.index
-        assert packet.dts is not None  # the reader queues only timestamped packets
-        if key in self.last_dts and packet.dts <= self.last_dts[key]:  # repaired, not fatal
-            packet.dts = self.last_dts[key] + 1
-            if packet.pts is not None and packet.pts < packet.dts:
-                packet.pts = packet.dts
-        self.last_dts[key] = packet.dts
-        packet.stream = stream  # type: ignore[assignment]
-        self.out.mux(packet)
 
     def _encode(self, item: tuple) -> None:
         t0 = time.perf_counter()
         _, _, pts, rgb, arrival = item
-        if self.last_pts is not None and pts <= self.last_pts:
-            pts = self.last_pts + 1
-        self.last_pts = pts
+        pts = self.next_pts(pts)
         if (rgb.shape[1], rgb.shape[0]) != self.size:
             aspect_out = self.size[0] / self.size[1]
             if abs(rgb.shape[1] / rgb.shape[0] - aspect_out) > 0.01 * aspect_out:
                 rgb = _fit(rgb, self.size)
-        frame = rgb_to_frame(np.asarray(rgb), self.pix_fmt, self.colour, self.size)
-        frame.pts, frame.time_base = pts, self.time_base
         self.arrivals[pts] = arrival
         if len(self.arrivals) > 1000:  # an encoder that swallows frames must not grow this forever
             for k in sorted(self.arrivals)[:500]:
                 del self.arrivals[k]
-        self.mux(self.ovs.encode(frame))
+        self.encode(rgb, pts)
         self.encode_seconds.append(time.perf_counter() - t0)
 
-    def mux(self, packets: list[av.Packet]) -> None:
+    def mux(self, packets: Iterable[av.Packet]) -> None:
         for packet in packets:
             arrival = self.arrivals.pop(packet.pts, None) if packet.pts is not None else None
             self.out.mux(packet)
@@ -537,7 +509,7 @@ def stream(
             pending.cancel()
             stop_reader = stop.is_set()
             finished.set()
-        sink.mux(sink.ovs.encode(None))
+        sink.flush()
         source.join(timeout=1.0 if stop_reader else None)  # left behind if blocked in a read
         if source.error is not None:
             raise source.error
@@ -587,29 +559,23 @@ def _prepare(
 ) -> tuple[_Sink, _Pending]:
     """Open the encoder (low-delay unless the user's -e options say otherwise) and the copied audio streams."""
     codec = opts.codec or STREAM_CODEC.get(fmt, "libx264")
-    topts = TranscodeOptions(
-        codec=codec,
-        crf=opts.crf,
-        preset=opts.preset or "veryfast",
-        pix_fmt=opts.pix_fmt,
-        encoder_options={**_low_delay(codec, info.average_rate), **opts.encoder_options},
-        size=opts.size,
-    )
-    output_geometry(info, upscaler.scale, topts)  # a bad --size is refused before the encoder is opened
-    ovs = _open_encoder(out, info, upscaler.scale, topts, fmt)
-    audio = []
-    for s in source.audio:
-        try:
-            audio.append(out.add_stream_from_template(s))
-        except (av.error.FFmpegError, ValueError) as exc:
-            raise VideoError(
-                f"{fmt} cannot carry the audio stream #{s.index} ({s.codec_context.name}): "
-                f"use --no-audio or another format ({exc})"
-            ) from None
+    choices = replace(opts, codec=codec, preset=opts.preset or "veryfast",
+                      encoder_options={**_low_delay(codec, info.average_rate), **opts.encoder_options})  # fmt: skip
+    output_geometry(info, upscaler.scale, choices)  # a bad --size is refused before the encoder is opened
+    ovs = open_encoder(out, info, upscaler.scale, choices, fmt)
+    audio = [
+        add_copy(
+            out,
+            s,
+            f"{fmt} cannot carry the audio stream #{s.index} ({s.codec_context.name}): "
+            "use --no-audio or another format",
+        )  # fmt: skip
+        for s in source.audio
+    ]
     rate = float(info.average_rate or 25)
     capacity = max(2, min(64, math.ceil(opts.max_latency * rate) + 1))
     source.pending = _Pending(opts.depth, opts.realtime == "drop", capacity, stats)
-    return _Sink(out, ovs, audio, info.colour, stats, upscaler.scale), source.pending
+    return _Sink(out, ovs, audio, info, stats, upscaler.scale), source.pending
 
 
 def _transform(

@@ -1,4 +1,5 @@
-"""Per-node engine: frames in from VapourSynth's threads, batched through one shared Upscaler, frames out."""
+"""The work behind one `core.esc.Upscale` node: frames in from VapourSynth's threads, batched through one shared
+Upscaler, frames out."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class Batcher:
                 fut.set_result(out[i])
 
 
-class Engine:
+class NodeRunner:
     """One Upscaler shared by every frame of a node; `process` is called by the shim on VapourSynth threads."""
 
     def __init__(self, up: Upscaler, width: int, height: int, *, half: bool, batch: int, streams: int) -> None:

@@ -1,8 +1,9 @@
-"""What `device="cuda"` turns on: device choice, the fused/attention fast paths, CUDA graphs, the frame pipeline.
+"""What `device="cuda"` turns on: the fused ConvAttn and window-attention fast paths, CUDA graphs, the frame
+pipeline.
 
-`Upscaler` calls `resolve_device` for every device it is given and `accelerate` when the device is CUDA; the
-VapourSynth engine and `CudaFrames` run frames through `scheduler.StreamPipeline`. Nothing here imports cupy
-unless the fused kernels are switched on, on a CUDA device.
+`Upscaler` calls `accelerate` (through esc_stream.backends) when its device is CUDA; the VapourSynth filter and
+`CudaFrames` run frames through `scheduler.StreamPipeline`. Nothing here imports cupy unless the fused kernels
+are switched on, on a CUDA device.
 """
 
 from __future__ import annotations
@@ -18,31 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import DeviceError
 from .attention import DEFAULT_TOLERANCE, swap_window_attention
 from .scheduler import StreamPipeline, TorchCudaDevice
 
 
-class DeviceError(ValueError):
-    """A device that cannot be used here; the message says why in one line."""
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """`auto`/None: CUDA when torch sees a GPU, else CPU. `cuda`/`cuda:N` without one: DeviceError."""
-    if name is None or str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise DeviceError(f"device {str(name)!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {str(name)!r}: CUDA is not available (torch {torch.__version__} sees no GPU)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {str(name)!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
-    return device
-
-
 def cupy_available() -> bool:
+    """True when cupy (the fused kernels' runtime, `esc-stream[cuda]`) is installed."""
     return importlib.util.find_spec("cupy") is not None
 
 
@@ -118,8 +101,8 @@ class GraphedNetwork:
     """Replays one captured CUDA graph per (input shape, stream); other shapes beyond `max_graphs` run eagerly.
 
     Tiles and video frames have few distinct shapes, so after one capture each call is a single graph launch
-    instead of hundreds of kernel launches. Each stream gets its own graph and static buffers, so the engine's
-    concurrent streams never share them.
+    instead of hundreds of kernel launches. Each stream gets its own graph and static buffers, so concurrent
+    streams never share them.
     """
 
     def __init__(self, network: Callable[[torch.Tensor], torch.Tensor], max_graphs: int = 8) -> None:

@@ -1,0 +1,7 @@
+"""`python -m esc_stream.cli`: the same as `esc-video`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,381 @@
+"""Writing video: the output container and encoder, the frame sink, copied streams, partial files.
+
+Every writer of esc-stream goes through here: `transcode` (files), `stream` (pipes and URLs) and the scale-out
+segments. So the choices an output makes live in one place:
+
+- `output_format`: the container, from -f, the URL scheme or the file extension.
+- `open_encoder`: the video encoder, declared like the source (rate, time base, colour tags, aspect,
+  rotation), with each codec's quality defaults; `output_geometry` says what size it encodes.
+- `FrameSink`: upscaled RGB frames in, packets muxed: output colour, increasing pts, rgb_to_frame -> encode ->
+  mux, and the final flush. Subclasses watch the packets (`mux`) for latency or timestamp records.
+- `PacketCopy`: audio/subtitle packets copied as they are, with non-increasing decode timestamps repaired;
+  `add_copied_streams` declares those streams and `copy_metadata` carries tags and chapters over.
+- `partial_path`/`finalize`: an output is written as OUT.partial and moved into place once complete;
+  `resume_plan`/`join_resumed` continue a partial file from its last complete GOP.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import av
+import numpy as np
+
+from ..errors import VideoError
+from .colour import Colour, pixel_bits, rgb_to_frame, target_size
+from .probe import VideoInfo, is_live, open_input
+
+# output container by file extension (the .partial name hides it from FFmpeg's own guess)
+CONTAINERS = {
+    ".mp4": "mp4",
+    ".m4v": "mp4",
+    ".mov": "mov",
+    ".mkv": "matroska",
+    ".webm": "webm",
+    ".ts": "mpegts",
+    ".m2ts": "mpegts",
+    ".avi": "avi",
+    ".nut": "nut",
+    ".y4m": "yuv4mpegpipe",
+}
+# output container by URL scheme (and for "-"): MPEG-TS is what players and servers take from a pipe or socket
+SCHEME_FORMATS = {"tcp": "mpegts", "udp": "mpegts", "srt": "mpegts", "rtp": "rtp_mpegts", "rtmp": "flv",
+                  "rtmps": "flv", "http": "mpegts", "https": "mpegts", "pipe": "mpegts", "-": "mpegts"}  # fmt: skip
+# containers whose partial file a resumed run continues (MP4 muxers move track starts)
+RESUMABLE = {"matroska", "webm"}
+# the encoder a container gets when none is asked for (else libx264)
+DEFAULT_CODEC = {"webm": "libvpx-vp9", "avi": "mpeg4", "nut": "ffv1", "yuv4mpegpipe": "rawvideo"}
+
+
+class EncoderChoices(Protocol):
+    """What the user chose about the encoder (TranscodeOptions and StreamOptions both say it)."""
+
+    codec: str | None
+    crf: int | None
+    preset: str | None
+    pix_fmt: str | None
+    encoder_options: dict[str, str]
+    size: tuple[int | None, int | None] | None
+
+
+def output_format(dst: str | Path, fmt: str | None = None, *, live: bool = False) -> str:
+    """The container to write: `fmt` (-f) when given; with `live`, the usual one of a "-" or URL output;
+    else the file extension's. VideoError when none fits."""
+    if fmt:
+        if fmt not in av.formats_available:
+            raise VideoError(f"-f {fmt}: no such output format in this FFmpeg build")
+        return fmt
+    name = str(dst)
+    if live and (name == "-" or is_live(name)):
+        return SCHEME_FORMATS.get("-" if name == "-" else name.split(":", 1)[0].lower(), "mpegts")
+    suffix = Path(name).suffix.lower()
+    found = CONTAINERS.get(suffix)
+    if found is None:
+        known = " ".join(sorted(CONTAINERS))
+        hint = "-f FORMAT or " if live else ""
+        raise VideoError(f"{dst}: unknown output container {suffix or '(no extension)'!r}; use {hint}one of: {known}")
+    return found
+
+
+def check_output_path(src: Path | str, dst: Path, overwrite: bool) -> None:
+    """An output file may not be the input, needs an existing folder, and replaces a file only when asked."""
+    if isinstance(src, Path) and src.resolve() == dst.resolve():
+        raise VideoError(f"{dst}: output would overwrite the input")
+    if not dst.parent.exists():
+        raise VideoError(f"{dst}: folder {dst.parent} does not exist")
+    if dst.exists() and not overwrite:
+        raise VideoError(f"{dst}: already exists (use --overwrite to replace it)")
+
+
+def default_pix_fmt(info: VideoInfo, codec: str) -> str:
+    """Follow the source: same chroma subsampling, 8-bit stays 8-bit, deeper becomes 10-bit."""
+    codec_formats = [f.name for f in (av.codec.Codec(codec, "w").video_formats or [])]
+    src = info.pix_fmt
+    sub = "444" if "444" in src else "422" if "422" in src else "420"
+    want = f"yuv{sub}p" + ("10le" if info.colour.deep else "")
+    for candidate in (want, f"yuv420p{'10le' if info.colour.deep else ''}", "yuv420p"):
+        if not codec_formats or candidate in codec_formats:
+            return candidate
+    return codec_formats[0]
+
+
+def output_geometry(info: VideoInfo, scale: int, opts: EncoderChoices) -> tuple[int, int, Fraction | None]:
+    """(width, height, sample aspect) of the output: the model's scale, or the requested size."""
+    if opts.size:
+        try:
+            return target_size(info.width, info.height, info.sar, opts.size)
+        except ValueError as exc:
+            raise VideoError(f"--size: {exc}") from None
+    return info.width * scale, info.height * scale, info.sar
+
+
+def _quality_options(codec: str, opts: EncoderChoices) -> dict[str, str]:
+    """The user's -e options, plus each codec's quality defaults where the user left them out."""
+    options = dict(opts.encoder_options)
+    if codec in ("libx264", "libx265"):
+        options.setdefault("crf", str(opts.crf if opts.crf is not None else 18))
+        options.setdefault("preset", opts.preset or "medium")
+    elif codec in ("libvpx-vp9", "libsvtav1", "libaom-av1"):
+        options.setdefault("crf", str(opts.crf if opts.crf is not None else 30))
+        if codec == "libvpx-vp9":
+            options.setdefault("b", "0")
+        if opts.preset and codec == "libsvtav1":
+            options.setdefault("preset", opts.preset)
+    return options
+
+
+def open_encoder(
+    out: av.container.OutputContainer, info: VideoInfo, scale: int, opts: EncoderChoices, fmt: str
+) -> av.video.stream.VideoStream:
+    """Add the video stream to `out` and open its encoder, declared like the source; VideoError if refused."""
+    codec = opts.codec or DEFAULT_CODEC.get(fmt, "libx264")
+    if codec not in av.codecs_available:
+        raise VideoError(f"-c:v {codec}: no such encoder in this FFmpeg build")
+    pix_fmt = opts.pix_fmt or default_pix_fmt(info, codec)
+    width, height, sar = output_geometry(info, scale, opts)
+    if ("420" in pix_fmt or "422" in pix_fmt) and (width % 2 or (height % 2 and "420" in pix_fmt)):
+        raise VideoError(f"output {width}x{height} has an odd side, which {pix_fmt} cannot hold; use --pix-fmt yuv444p")
+    rate = info.average_rate if info.average_rate else Fraction(25)
+    stream = cast(av.video.stream.VideoStream, out.add_stream(codec, rate=rate))
+    stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+    if info.rotation:  # display metadata only: frames are upscaled as coded and shown rotated, as the source
+        stream.set_display_rotation(info.rotation)
+    stream.time_base = info.time_base
+    cc = stream.codec_context
+    cc.time_base = info.time_base
+    c = info.colour
+    cc.color_range = c.range if c.range else 1
+    cc.colorspace, cc.color_primaries, cc.color_trc = c.matrix, c.primaries, c.transfer
+    if sar and sar.numerator:
+        cc.sample_aspect_ratio = sar
+    cc.options = _quality_options(codec, opts)
+    try:
+        cc.open()
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise VideoError(
+            f"encoder {codec} refused {width}x{height} {pix_fmt} ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
+    return stream
+
+
+class FrameSink:
+    """Upscaled RGB frames -> the encoder of `stream` -> the muxer of `out`.
+
+    Frames are converted with the source's colour description at the encoder's bit depth and resampled to the
+    encoder's size when they differ from it. Presentation timestamps (in `time_base`) must increase for the
+    encoder to accept a frame, so a repeated or backwards one becomes the previous one + 1.
+    """
+
+    def __init__(
+        self,
+        out: av.container.OutputContainer,
+        stream: av.video.stream.VideoStream,
+        colour: Colour,
+        scale: int,
+        time_base: Fraction,
+    ) -> None:
+        self.out, self.stream, self.time_base = out, stream, time_base
+        cc = stream.codec_context
+        self.pix_fmt = cc.pix_fmt or "yuv420p"
+        self.size = (cc.width, cc.height)
+        self.colour = replace(colour, bits=pixel_bits(self.pix_fmt), height=colour.height * scale)
+        self.last_pts: int | None = None
+        self.frames = 0
+
+    def next_pts(self, pts: int) -> int:
+        """The timestamp the frame of `pts` is encoded with: `pts`, or the previous one + 1 (duplicates)."""
+        if self.last_pts is not None and pts <= self.last_pts:
+            pts = self.last_pts + 1
+        self.last_pts = pts
+        return pts
+
+    def encode(self, rgb: np.ndarray, pts: int) -> None:
+        """Encode one frame at `pts` (already from `next_pts`) and mux what the encoder gives back."""
+        frame = rgb_to_frame(np.asarray(rgb), self.pix_fmt, self.colour, self.size)
+        frame.pts, frame.time_base = pts, self.time_base
+        self.mux(self.stream.encode(frame))
+        self.frames += 1
+
+    def write(self, rgb: np.ndarray, pts: int) -> None:
+        """Encode one frame at the next valid timestamp from `pts`."""
+        self.encode(rgb, self.next_pts(pts))
+
+    def flush(self) -> None:
+        """Drain the encoder at the end of the input."""
+        self.mux(self.stream.encode(None))
+
+    def mux(self, packets: Iterable[av.Packet]) -> None:
+        for packet in packets:
+            self.out.mux(packet)
+
+
+class PacketCopy:
+    """Copied packets (audio, subtitles) with decode timestamps kept increasing per stream.
+
+    Some sources repeat or step back a DTS; a muxer refuses such a packet, so it is moved just after the
+    previous one (and its pts with it, where the pts would now precede the dts) instead of failing the run.
+    """
+
+    def __init__(self) -> None:
+        self._last_dts: dict[Any, int] = {}
+
+    def repair(self, packet: av.Packet, key: Any) -> None:
+        """Fix the timestamps of `packet`, one of the stream named by `key`, in place."""
+        assert packet.dts is not None  # only timestamped packets are copied
+        last = self._last_dts.get(key)
+        if last is not None and packet.dts <= last:
+            packet.dts = last + 1
+            if packet.pts is not None and packet.pts < packet.dts:
+                packet.pts = packet.dts
+        self._last_dts[key] = packet.dts
+
+    def mux(self, out: av.container.OutputContainer, packet: av.Packet, stream: av.stream.Stream) -> None:
+        """Repair `packet`, then mux it as a packet of the output's `stream`."""
+        self.repair(packet, stream.index)
+        packet.stream = stream  # type: ignore[assignment]
+        out.mux(packet)
+
+
+def add_copy(out: av.container.OutputContainer, source: av.stream.Stream, refusal: str) -> av.stream.Stream:
+    """Declare a copy of the input stream `source` in `out`; VideoError `refusal` (+ FFmpeg's reason) if the
+    container cannot carry it."""
+    try:
+        return out.add_stream_from_template(source)
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise VideoError(f"{refusal} ({exc})") from None
+
+
+def add_copied_streams(
+    inp: av.container.InputContainer, out: av.container.OutputContainer, dst: Path, *, audio: bool, subtitles: bool
+) -> dict[int, av.stream.Stream]:
+    """Declare the audio and/or subtitle streams of `inp` (with their tags) in `out`: input index -> output."""
+    copies: dict[int, av.stream.Stream] = {}
+    for s in inp.streams:
+        if s.type == "audio" and audio or s.type == "subtitle" and subtitles:
+            flag = "--no-audio" if s.type == "audio" else "--no-subtitles"
+            refusal = (f"{dst}: this container cannot carry the {s.type} stream #{s.index} "
+                       f"({s.codec_context.name}): use {flag} or another container such as .mkv")  # fmt: skip
+            o = add_copy(out, s, refusal)
+            copy_tags(s.metadata, o)
+            copies[s.index] = o
+    return copies
+
+
+def copy_tags(tags: Mapping[str, str], target: Any) -> None:
+    """Copy metadata tags onto a stream or container."""
+    for k, v in tags.items():
+        target.metadata[k] = v
+
+
+def copy_metadata(inp: av.container.InputContainer, out: av.container.OutputContainer, chapters: bool) -> None:
+    """The container's tags (less those the muxer writes itself) and, if asked, its chapters."""
+    for k, v in inp.metadata.items():
+        if k.lower() not in ("encoder", "major_brand", "minor_version", "compatible_brands"):
+            out.metadata[k] = v
+    if chapters and inp.chapters():
+        out.set_chapters(inp.chapters())
+
+
+# ---- partial files: OUT.partial until complete; a resumed run continues one from its last complete GOP ----
+
+
+def partial_path(dst: Path) -> Path:
+    """Where `dst` is written until it is complete."""
+    return dst.with_name(dst.name + ".partial")
+
+
+def finalize(tmp: Path, dst: Path, fmt: str) -> None:
+    """Move the finished partial file into place."""
+    tmp.replace(dst)
+
+
+def resume_point(partial: Path) -> float | None:
+    """Seconds of the last keyframe in a partial output: everything before it is complete GOPs.
+
+    None when the file is unreadable or holds fewer than two keyframes (nothing worth keeping).
+    """
+    plan = _keyframes(partial)
+    return plan[-1][0] if plan and len(plan) >= 2 else None
+
+
+def _keyframes(partial: Path) -> list[tuple[float, int]] | None:
+    """(time, packets before it) for each keyframe of the partial file's video, in decode order."""
+    try:
+        with av.open(str(partial)) as c:
+            vs = c.streams.video[0]
+            keys, count = [], 0
+            for p in c.demux(vs):
+                if p.size == 0 or p.pts is None:
+                    continue
+                if p.is_keyframe:
+                    keys.append((float(p.pts * vs.time_base), count))
+                count += 1
+            return keys
+    except (av.error.FFmpegError, IndexError, OSError):
+        return None
+
+
+def resume_plan(partial: Path, src: Path) -> tuple[float, float, int] | None:
+    """Where to continue: the last keyframe of `partial` (its time there, the same frame's source time, and
+    the number of frames before it). Frames are matched by count, so container timestamp offsets cancel out."""
+    keys = _keyframes(partial)
+    if not keys or len(keys) < 2:
+        return None
+    cut, kept = keys[-1]
+    with open_input(src) as c:
+        vs = c.streams.video[0]
+        tb = vs.time_base
+        pts = sorted(p.pts for p in c.demux(vs) if p.size and p.pts is not None)
+    if kept >= len(pts) or tb is None:
+        return None
+    return cut, float(pts[kept] * tb), kept
+
+
+def join_resumed(previous: Path, part: Path, resume: tuple[float, float, int], fmt: str) -> None:
+    """Rewrite `part` as the video GOPs of `previous` before the cut followed by all of `part`; copies packets.
+
+    `part` holds the audio and subtitles whole and the video from the cut on. Muxers may move where a
+    track starts (MP4 stretches a late first sample), so the video of `part` is put back on the timeline of
+    `previous` by aligning its first keyframe with the cut."""
+    cut = resume[0]
+    staged = part.with_name(part.name + ".join")
+    with av.open(str(part)) as probe_part:  # a fresh handle: seeking back would skip packets before the cut
+        pvs = probe_part.streams.video[0]
+        first_key = next((p.pts for p in probe_part.demux(pvs) if p.is_keyframe and p.pts is not None), None)
+        if first_key is None or pvs.time_base is None:
+            raise VideoError(f"{part}: the resumed part holds no keyframe")
+        shift = round((cut - float(first_key * pvs.time_base)) / pvs.time_base)
+    with av.open(str(previous)) as old, av.open(str(part)) as new:
+        nvs, ovs = new.streams.video[0], old.streams.video[0]
+        with av.open(str(staged), "w", format=fmt) as out:
+            streams = {s.index: out.add_stream_from_template(s) for s in new.streams}
+            for s in new.streams:
+                copy_tags(s.metadata, streams[s.index])
+            copy_metadata(new, out, chapters=True)
+
+            def head() -> Iterator[tuple[float, int, av.Packet]]:
+                for p in old.demux(ovs):
+                    if p.size and p.pts is not None and p.dts is not None and float(p.pts * ovs.time_base) < cut - 1e-6:
+                        p.stream = streams[nvs.index]  # type: ignore[assignment]
+                        yield float(p.dts * ovs.time_base), id(p), p
+
+            def tail() -> Iterator[tuple[float, int, av.Packet]]:
+                for p in new.demux():
+                    if p.size == 0 or p.dts is None or p.pts is None:
+                        continue
+                    if p.stream.index == nvs.index:
+                        p.pts += shift
+                        p.dts += shift
+                    t = float(p.dts * p.stream.time_base)
+                    p.stream = streams[p.stream.index]
+                    yield t, id(p), p
+
+            for _, _, packet in heapq.merge(head(), tail()):
+                out.mux(packet)
+    staged.replace(part)
+    previous.unlink()
