@@ -1,6 +1,7 @@
 """The import rules of the code base, checked on the source with `ast` (nothing is imported).
 
 - No circle between files: every import counts, at module level or inside a function.
+- The networks (esc_stream.models) import no device code (esc_stream.native, esc_stream.cuda).
 - No `_private` name (module or attribute) is imported from another package.
 - Nothing imports the repository's top-level folders `vs_plugin`, `demo` or `training` by those names: the
   wheel installs them as `esc_stream.vapoursynth`, `esc_stream.demo` and `esc_stream.training`.
@@ -166,3 +167,16 @@ def test_no_import_by_a_repository_folder_name():
             if source.split(".")[0] in ("vs_plugin", "demo", "training"):
                 bad.append(f"{MODULES[module].relative_to(ROOT)}:{line}: {source}")
     assert not bad, "imports that the installed wheel cannot satisfy:\n" + "\n".join(bad)
+
+
+def test_the_networks_import_no_device_code():
+    """esc_stream.models is pure torch: kernels for a device (native/, cuda/) are chosen in esc_stream.backends."""
+    bad = []
+    for module in MODULES:
+        if not module.startswith("esc_stream.models"):
+            continue
+        for source, name, line in imports_of(module):
+            target = _target(source, name) or source
+            if target.startswith(("esc_stream.native", "esc_stream.cuda")):
+                bad.append(f"{MODULES[module].relative_to(ROOT)}:{line}: {target}")
+    assert not bad, "device code imported by the networks:\n" + "\n".join(bad)

@@ -5,14 +5,13 @@ pixels, its LR input the MATLAB-bicubic downscale to lr_patch, and its targets `
 random, given to the network as (coordinate, cell, RGB) triples. Inputs and targets are normalised to
 [-1, 1] and the loss is L1 there, as in the official esc_arb training.
 
-The optimizer, schedule, EMA, BasicSR-layout checkpoints and exact resume are `training.train.Trainer`'s:
+The optimizer, schedule, EMA, BasicSR-layout checkpoints and exact resume are `loop.Trainer`'s:
 `ArbitraryTrainer` only swaps the sampler and the loss. Run it with
 `python -m training.arbitrary --config training/configs/lte_x2.toml` (or `esc-train` with that config).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from collections.abc import Callable
@@ -23,13 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esc_stream.checkpoints import save_checkpoint
 from esc_stream.metrics import psnr_y
 from esc_stream.models.lte import make_coord
 from esc_stream.resize import imresize
 
 from .data import SeededSampler, load_images, rank_seed
-from .train import TrainConfig, Trainer, update_ema, validation_set
+from .loop import (
+    CONFIG_ERRORS,
+    BestCheckpoint,
+    TrainConfig,
+    Trainer,
+    apply_overrides,
+    csv_log,
+    resume_if_saved,
+    run_parser,
+    update_ema,
+    validation_set,
+)
 
 
 @dataclass
@@ -171,19 +180,11 @@ def train(cfg: ArbitraryConfig, log: Callable[[str], None] = print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     trainer = ArbitraryTrainer(cfg, device=cfg.device)
     last = out / "last.pth"
-    if last.exists():
-        trainer.resume(last)
-        log(f"resumed from {last} at iteration {trainer.iter}")
+    resume_if_saved(trainer, last, log)
     hrs = validation_set(cfg)
-    log_path = out / "log.csv"
     keys = [f"{k}_x{s:g}" for s in cfg.val_scales for k in ("psnr", "bicubic")]
-    new_log = not log_path.exists()
-    best_path = out / "best.txt"
-    best = float(best_path.read_text().split()[0]) if best_path.exists() else -math.inf
-    with open(log_path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new_log:
-            writer.writerow(["iter", "loss", "lr", *keys, "seconds"])
+    best = BestCheckpoint(out)
+    with csv_log(out / "log.csv", ["iter", "loss", "lr", *keys, "seconds"]) as (f, writer):
         t0, losses = time.time(), []
         while trainer.iter < cfg.iters:
             losses.append(trainer.step())
@@ -204,33 +205,18 @@ def train(cfg: ArbitraryConfig, log: Callable[[str], None] = print) -> Path:
                     f"x{s:g} {m[f'psnr_x{s:g}']:.2f} (bicubic {m[f'bicubic_x{s:g}']:.2f})" for s in cfg.val_scales
                 ))  # fmt: skip
                 mean = sum(m[f"psnr_x{s:g}"] for s in cfg.val_scales) / len(cfg.val_scales)
-                if mean > best:
-                    best = mean
-                    extra = {"iter": it, "mean_psnr_y": f"{best:.3f}", "variant": cfg.variant}
-                    save_checkpoint(out / "best_ema.safetensors", trainer.model, trainer.ema, extra=extra)
-                    best_path.write_text(f"{best:.4f} {it}\n")
+                best.offer(mean, it, trainer, {"iter": it, "mean_psnr_y": f"{mean:.3f}", "variant": cfg.variant})
                 t0, losses = time.time(), []
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import tomllib
-
-    ap = argparse.ArgumentParser(prog="esc-train", description="Train the arbitrary-scale ESC (ESC + LTE).")
-    ap.add_argument("--config", required=True, help="TOML run configuration")
-    ap.add_argument("--iters", type=int, help="override the number of iterations")
-    ap.add_argument("--threads", type=int, help="override CPU threads")
-    ap.add_argument("--device", help="override the device: cpu, cuda")
-    args = ap.parse_args(argv)
+    args = run_parser("Train the arbitrary-scale ESC (ESC + LTE).").parse_args(argv)
     try:
-        cfg = ArbitraryConfig.from_toml(args.config)
-    except (OSError, ValueError, TypeError, tomllib.TOMLDecodeError) as exc:
+        cfg = apply_overrides(ArbitraryConfig.from_toml(args.config), args)
+    except CONFIG_ERRORS as exc:
         print(f"esc-train: {exc}")
         return 2
-    for key in ("iters", "threads", "device"):
-        if getattr(args, key):
-            setattr(cfg, key, getattr(args, key))
     try:
         train(cfg, log=lambda s: print(s, flush=True))
     except (FileNotFoundError, ValueError) as exc:

@@ -13,19 +13,19 @@ import argparse
 import copy
 import csv
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from esc_stream.backends import prepare_for_training
 from esc_stream.checkpoints import describe_state_dict, read_state_dict, save_checkpoint
 from esc_stream.metrics import psnr_y
 
 from .clips import ClipSampler, FrameSequence
 from .data import load_images
+from .loop import CONFIG_ERRORS, read_settings, update_ema
 from .temporal import clip_forward, clip_loss, flicker
-from .train import read_settings, update_ema
 
 
 @dataclass
@@ -79,7 +79,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     sd = read_state_dict(cfg.init)
     desc = describe_state_dict(sd)
-    model = desc.build()
+    model = prepare_for_training(desc.build())  # the native CPU attention kernels (esc_stream.backends)
     model.load_state_dict(sd)
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.9))
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = FinetuneConfig.from_toml(args.config)
-    except (OSError, ValueError, TypeError, tomllib.TOMLDecodeError) as exc:
+    except CONFIG_ERRORS as exc:
         print(f"finetune: {exc}")
         return 2
     if args.iters:
