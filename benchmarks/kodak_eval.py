@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    weights = args.weights or ROOT / "esc_stream" / "weights" / f"esc_stream_default_x{args.scale}.safetensors"
+    weights = args.weights or ROOT / "esc_stream" / "weights" / f"esc_stream_balanced_x{args.scale}.safetensors"
     model, desc = load_model(weights)
     prepare_for_inference(model)
     window = int(desc.config["window_size"])

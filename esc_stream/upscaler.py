@@ -11,24 +11,66 @@ import torch
 from torch import nn
 
 from .backends import build_network
-from .checkpoints import CheckpointError, ModelDescriptor, load_model
+from .checkpoints import ModelDescriptor, load_model
 from .devices import resolve_device
+from .errors import CheckpointError, UserError
 from .reparam import prepare_for_inference
 from .tiling import upscale_tensor
 
+# The embedded model family: a tier names a speed/quality point, shipped at each scale as one weights file.
+TIERS = ("fast", "balanced")
+DEFAULT_TIER = "balanced"
+SCALES = (2, 3, 4)
+
 
 @dataclass(frozen=True)
-class DefaultModel:
-    """Where the embedded default model for a scale lives, and whether it exists yet."""
+class EmbeddedModel:
+    """One embedded model: `tier` ("fast" or "balanced") at `scale`, shipped as weights/esc_stream_{tier}_x{scale}."""
 
     scale: int
+    tier: str = DEFAULT_TIER
+
+    @property
+    def name(self) -> str:
+        return f"{self.tier} x{self.scale}"
 
     @property
     def path(self) -> Path:
-        return Path(str(resources.files("esc_stream") / "weights" / f"esc_stream_default_x{self.scale}.safetensors"))
+        return Path(
+            str(resources.files("esc_stream") / "weights" / f"esc_stream_{self.tier}_x{self.scale}.safetensors")
+        )
 
     def exists(self) -> bool:
         return self.path.is_file()
+
+    def metadata(self) -> dict[str, str]:
+        """What the release step recorded in the file: iteration, Kodak24 PSNR, speed at release, ..."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), "pt") as f:
+            return dict(f.metadata() or {})
+
+
+def check_tier(model: str | None) -> str:
+    """The tier a `model=` argument names (None: the default); ValueError listing the valid ones otherwise."""
+    if model is None:
+        return DEFAULT_TIER
+    if not isinstance(model, str) or model not in TIERS:
+        raise UserError(f"unknown model {model!r}; choose one of: {', '.join(TIERS)}")
+    return model
+
+
+def embedded_models(tier: str | None = None) -> list[EmbeddedModel]:
+    """The embedded models that ship, by tier then scale (only `tier`'s when given)."""
+    tiers = TIERS if tier is None else (check_tier(tier),)
+    return [m for t in tiers for s in SCALES if (m := EmbeddedModel(s, t)).exists()]
+
+
+def check_scale(scale: object) -> int:
+    """A model scale: an int 2, 3 or 4 (ValueError naming the value otherwise)."""
+    if isinstance(scale, bool) or not isinstance(scale, int | np.integer) or int(scale) not in SCALES:
+        raise UserError(f"scale must be 2, 3 or 4, got {scale!r}")
+    return int(scale)
 
 
 class Upscaler:
@@ -178,42 +220,47 @@ def load(
     weights: str | Path | None = None,
     *,
     scale: int = 2,
+    model: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     tile: int | None = None,
     overlap: int = 64,
-    allow_random: bool = True,
+    allow_random: bool = False,
     backend: str = "torch",
 ) -> Upscaler:
-    """Build an Upscaler from a checkpoint, or from the embedded default model for `scale`.
+    """Build an Upscaler from a checkpoint, or from the embedded `model` tier ("fast" or "balanced") at `scale`.
 
-    Until a default model for `scale` ships, `weights=None` gives esc_small with random weights
-    (`Upscaler.pretrained` is False) unless `allow_random=False`, which raises CheckpointError.
+    `weights` wins over `model`. A tier with no model at `scale` raises CheckpointError naming the scales it has;
+    `allow_random=True` (tests only) gives esc_small with random weights instead (`Upscaler.pretrained` False).
     `backend` is one of `esc_stream.backends.BACKENDS` (default torch).
     """
-    if tile is not None and tile < 1:
-        raise ValueError(f"tile must be a positive number of pixels, got {tile}")
-    if overlap < 0:
-        raise ValueError(f"overlap must be >= 0, got {overlap}")
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
+        raise UserError(f"tile must be a positive number of pixels, got {tile!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+        raise UserError(f"overlap must be a whole number >= 0, got {overlap!r}")
     pretrained = True
+    tier = check_tier(model)
     if weights is None:
-        default = DefaultModel(scale)
-        if default.exists():
-            model, desc = load_model(default.path)
-            source = f"embedded default model ({default.path.name})"
+        scale = check_scale(scale)
+        embedded = EmbeddedModel(scale, tier)
+        if embedded.exists():
+            network, desc = load_model(embedded.path)
+            source = f"embedded {embedded.name} model ({desc.variant}, {embedded.path.name})"
         elif allow_random:
-            model, desc = _random_model(scale)
+            network, desc = _random_model(scale)
             pretrained = False
-            source = "esc_small with RANDOM weights (no default model for this scale ships yet)"
+            source = "esc_small with RANDOM weights (a test stand-in: no embedded model for this scale)"
         else:
-            raise CheckpointError(f"no embedded default model for x{scale}; pass a checkpoint with --weights")
+            have = ", ".join(f"x{m.scale}" for m in embedded_models(tier)) or "none"
+            raise CheckpointError(f"no embedded {tier} model for x{scale} (embedded {tier}: {have}); "
+                                  "pass a checkpoint with weights=")  # fmt: skip
     else:
-        model, desc = load_model(weights)
+        network, desc = load_model(weights)
         source = str(weights)
-        if getattr(model, "arbitrary_scale", False):  # any scale: `scale` is the one plain calls use
-            desc = replace(desc, scale=scale)
+        if getattr(network, "arbitrary_scale", False):  # any scale: `scale` is the one plain calls use
+            desc = replace(desc, scale=check_scale(scale))
     return Upscaler(
-        model,
+        network,
         desc,
         device=device,
         dtype=dtype,
@@ -223,3 +270,7 @@ def load(
         source=source,
         backend=backend,
     )
+
+
+# the name before the model family (one tier): the CLI's model options still use it until they take `--model`
+DefaultModel = EmbeddedModel

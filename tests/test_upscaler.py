@@ -79,7 +79,7 @@ def test_bad_frames_raise(up, bad, match):
 def test_default_model_is_labelled():
     up = esc_stream.load(scale=2)
     if up.pretrained:
-        assert "embedded default" in up.source
+        assert "embedded balanced x2" in up.source
     else:
         assert "RANDOM" in up.source and "RANDOM" in repr(up)
     with pytest.raises(ValueError):
