@@ -28,11 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from esc_stream.training.release import evaluation_pairs  # noqa: E402
+
 import esc_stream  # noqa: E402
 from esc_stream.metrics import psnr_y, ssim_y  # noqa: E402
 from esc_stream.resize import imresize  # noqa: E402
 from esc_stream.upscaler import embedded_models  # noqa: E402
-from training.release import evaluation_pairs  # noqa: E402
 
 PEERS = ROOT.parent / "shared" / "peers"
 SIZES = ((320, 180), (640, 360))

@@ -1,11 +1,15 @@
-"""Evaluate a trained run on Kodak24 and ship its EMA weights as the embedded default model.
+"""Evaluate a trained run on Kodak24 and ship its EMA weights as one embedded model of the family.
 
-    python -m training.release --run training/runs/default_x2 --scale 2 [--finetune training/runs/temporal_x2]
+    python -m training.release --run training/runs/fast_x2 --tier fast --scale 2 [--finetune training/runs/temporal_x2]
+    python -m training.release --weights FILE --tier balanced --scale 4     (re-measure and re-stamp a shipped file)
 
-Writes esc_stream/weights/esc_stream_default_x{S}.safetensors, a results block in
-esc_stream/weights/MODEL_CARD.md, and docs/before_after_x{S}.png (bicubic vs model crops). With --finetune the
-temporally fine-tuned EMA of that folder is shipped instead of the run's best EMA; both are evaluated on Kodak24
-and the fine-tune's clip validation (PSNR and flicker, first and last rows of its log) goes into the card.
+Writes esc_stream/weights/esc_stream_{tier}_x{S}.safetensors with what was measured in its metadata (variant,
+parameters, Kodak24 PSNR/SSIM and bicubic's, input Mpx/s at 320x180 on 2 threads, snapshot, training data), then
+rewrites the model card's family table from every embedded model's metadata (the table `esc-video models` prints
+too), a results block, and for the balanced tier docs/before_after_x{S}.png (bicubic vs model crops). With
+--finetune the temporally fine-tuned EMA of that folder is shipped instead of the run's best EMA; both are
+evaluated on Kodak24 and the fine-tune's clip validation (PSNR and flicker, first and last rows of its log) goes
+into the card.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from esc_stream.checkpoints import load_model
+from esc_stream.checkpoints import load_model, read_state_dict
 from esc_stream.metrics import psnr_y, ssim_y
 from esc_stream.reparam import prepare_for_inference
 from esc_stream.resize import imresize
@@ -138,21 +142,90 @@ def _replace_block(text: str, start: str, end: str, block: str, anchor: str) -> 
     return text.replace(f"<!-- {anchor} -->", f"<!-- {anchor} -->\n{block}")
 
 
-def main() -> None:
+def release_speed(weights: Path, threads: int = 2, repeat: int = 5) -> float:
+    """Input Mpx/s of `esc_stream.load(weights)` on a 320x180 uint8 frame (median of `repeat` calls)."""
+    import esc_stream
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        up = esc_stream.load(weights)
+        frame = np.random.default_rng(0).integers(0, 256, (180, 320, 3), dtype=np.uint8)
+        up(frame)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            up(frame)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return 320 * 180 / float(np.median(times)) / 1e6
+
+
+def ship(source: Path, target: Path, meta: dict[str, str]) -> Path:
+    """Write the weights of `source` to `target` (safetensors, temporary name then rename) with `meta` attached."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in read_state_dict(source).items()}
+    tmp = target.with_name(target.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(target)
+    return target
+
+
+FAMILY_HEAD = (
+    "| tier | scale | variant | parameters | Kodak24 PSNR / SSIM | vs bicubic | input Mpx/s at 320×180 (release) "
+    "| snapshot | trained on |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def family_table(weights_dir: Path) -> str:
+    """The model card's family table: one row per embedded model file, from the metadata `ship` wrote."""
+    from safetensors import safe_open
+
+    rows = []
+    for path in sorted(weights_dir.glob("esc_stream_*_x*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            m = f.metadata() or {}
+        if "tier" not in m:
+            continue
+        psnr, bic = float(m["kodak24_psnr"]), float(m["kodak24_bicubic_psnr"])
+        rows.append((m["tier"] != "fast", int(m["scale"]), (
+            f"| {m['tier']} | ×{m['scale']} | `{m['variant']}` | {int(m['parameters']) / 1e3:.0f}K | "
+            f"{psnr:.2f} / {float(m['kodak24_ssim']):.4f} | {psnr - bic:+.2f} dB | {float(m['mpx_s_320x180']):.2f} | "
+            f"{m['snapshot']} | {m['train_data']} |"
+        )))  # fmt: skip
+    return "\n".join([FAMILY_HEAD] + [r[2] for r in sorted(rows)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from esc_stream.upscaler import TIERS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="a run folder: its best_ema.safetensors is shipped")
+    src.add_argument("--weights", type=Path, help="a weights file to ship (e.g. to re-stamp a shipped model)")
+    ap.add_argument("--tier", choices=TIERS, default="balanced")
     ap.add_argument("--scale", type=int, default=2)
     ap.add_argument("--val", type=Path, default=ROOT.parent / "shared" / "data" / "kodak24")
     ap.add_argument("--finetune", type=Path, help="ship this temporal fine-tune folder's finetuned_ema.safetensors")
     ap.add_argument("--lineage", type=parse_lineage, action="append", default=[], metavar="RUN:ITER",
                     help="a run this one started from and the iteration it left at, so that the training time "
                     "counts its hours too (repeatable)")  # fmt: skip
-    args = ap.parse_args()
-    best = args.run / "best_ema.safetensors"
-    target = ROOT / "esc_stream" / "weights" / f"esc_stream_default_x{args.scale}.safetensors"
-    it, hours = _run_summary(args.run)
-    hours += sum(_logged_hours(run, upto) for run, upto in args.lineage)
-    snapshot = f"iteration {it}"
+    ap.add_argument("--snapshot", help="how the snapshot is described in the card (default: from the run's log)")
+    ap.add_argument("--train-data", default="photos63", help="what the weights were trained on, for the card")
+    ap.add_argument("--weights-dir", type=Path, default=ROOT / "esc_stream" / "weights")
+    args = ap.parse_args(argv)
+    target = args.weights_dir / f"esc_stream_{args.tier}_x{args.scale}.safetensors"
+    card = args.weights_dir / "MODEL_CARD.md"
+    if args.run is not None:
+        best = args.run / "best_ema.safetensors"
+        it, hours = _run_summary(args.run)
+        hours += sum(_logged_hours(run, upto) for run, upto in args.lineage)
+        snapshot = args.snapshot or f"iteration {it}"
+    else:
+        best, hours = args.weights, math.nan
+        snapshot = args.snapshot or "as shipped"
     if args.finetune:
         image_model = evaluate(best, args.val, args.scale)
         print(f"image model before the temporal fine-tune: Kodak24 {image_model['psnr']:.3f} dB / "
@@ -161,32 +234,54 @@ def main() -> None:
         best = args.finetune / "finetuned_ema.safetensors"
         snapshot += f" + {ft['iters']} temporal"
     m = evaluate(best, args.val, args.scale)
-    target.write_bytes(best.read_bytes())
-    pic = before_after(target, args.val, args.scale, ROOT / "docs" / f"before_after_x{args.scale}.png")
+    model, desc = load_model(best)
+    if desc.scale != args.scale:
+        raise SystemExit(f"{best} is a x{desc.scale} model, not x{args.scale}")
+    meta = {
+        "tier": args.tier,
+        "scale": str(args.scale),
+        "variant": desc.variant,
+        "parameters": str(sum(p.numel() for p in model.parameters())),
+        "kodak24_psnr": f"{m['psnr']:.4f}",
+        "kodak24_ssim": f"{m['ssim']:.4f}",
+        "kodak24_bicubic_psnr": f"{m['bicubic_psnr']:.4f}",
+        "mpx_s_320x180": f"{release_speed(best):.4f}",
+        "snapshot": snapshot,
+        "train_data": args.train_data,
+    }
+    ship(best, target, meta)
+    text = card.read_text()
+    text = _replace_block(text, "family", "end family", f"<!-- family -->\n{family_table(args.weights_dir)}\n"
+                          "<!-- end family -->", "family table")  # fmt: skip
+    if args.tier == "balanced" and args.weights_dir == ROOT / "esc_stream" / "weights":
+        pic = before_after(target, args.val, args.scale, ROOT / "docs" / f"before_after_x{args.scale}.png")
+        print(f"wrote {pic}")
+    name = f"{args.tier} x{args.scale}"
     block = (
-        f"<!-- results x{args.scale} -->\n"
-        f"| x{args.scale} | {snapshot} | {hours:.1f} h | "
+        f"<!-- results {name} -->\n"
+        f"| {args.tier} | x{args.scale} | {snapshot} | {hours:.1f} h | "
         f"{m['psnr']:.2f} / {m['ssim']:.4f} | {m['bicubic_psnr']:.2f} / {m['bicubic_ssim']:.4f} | "
         f"{m['psnr'] - m['bicubic_psnr']:+.2f} dB |\n"
-        f"<!-- end x{args.scale} -->"
+        f"<!-- end {name} -->"
     )
-    card = ROOT / "esc_stream" / "weights" / "MODEL_CARD.md"
-    text = _replace_block(card.read_text(), f"results x{args.scale}", f"end x{args.scale}", block, "results")
+    if args.run is not None:
+        text = _replace_block(text, f"results {name}", f"end {name}", block, "results")
     if args.finetune:
-        name = f"temporal x{args.scale}"
-        text = _replace_block(text, name, f"end {name}", (
-            f"<!-- {name} -->\n"
-            f"| x{args.scale} | {ft['iters']} | {ft['psnr_before']:.2f} → {ft['psnr_after']:.2f} dB | "
+        tname = f"temporal {name}"
+        text = _replace_block(text, tname, f"end {tname}", (
+            f"<!-- {tname} -->\n"
+            f"| {args.tier} | x{args.scale} | {ft['iters']} | {ft['psnr_before']:.2f} → {ft['psnr_after']:.2f} dB | "
             f"{ft['flicker_before']:.3f} → {ft['flicker_after']:.3f} | "
             f"{image_model['psnr']:.2f} → {m['psnr']:.2f} dB |\n"
-            f"<!-- end {name} -->"
+            f"<!-- end {tname} -->"
         ), "temporal")  # fmt: skip
     card.write_text(text)
     print(f"{best} -> {target}")
     print(f"Kodak24 x{args.scale} (Y, border {args.scale}, {m['images']} images): model {m['psnr']:.3f} dB / "
           f"{m['ssim']:.4f}, bicubic {m['bicubic_psnr']:.3f} dB / {m['bicubic_ssim']:.4f}, "
-          f"gain {m['psnr'] - m['bicubic_psnr']:+.3f} dB; {m['seconds']:.2f} s/image")  # fmt: skip
-    print(f"wrote {pic} and {card}")
+          f"gain {m['psnr'] - m['bicubic_psnr']:+.3f} dB; {m['seconds']:.2f} s/image; "
+          f"{float(meta['mpx_s_320x180']):.3f} input Mpx/s at 320x180")  # fmt: skip
+    print(f"wrote {target} and {card}")
 
 
 if __name__ == "__main__":
