@@ -314,3 +314,31 @@ def test_cuda_streams_match_cpu(core, frames, weights, up):
     for i in range(N):
         np.testing.assert_allclose(array_of(out, i), up(x[i]), atol=1e-4)
         np.testing.assert_allclose(array_of(half, i).astype(np.float32), up(x[i]), atol=2e-2)
+
+
+def test_model_selects_the_embedded_tier(core):
+    from esc_stream.upscaler import EmbeddedModel
+
+    if not EmbeddedModel(2, "fast").exists():
+        pytest.skip("no embedded fast x2 model in this checkout")
+    clip = core.std.BlankClip(format=vs.RGBS, width=32, height=24, length=1, color=[0.25, 0.5, 0.75])
+    fast = core.esc.Upscale(clip, model="fast")
+    balanced = core.esc.Upscale(clip, model="balanced")
+    assert (fast.width, fast.height) == (64, 48)
+    a = np.asarray(fast.get_frame(0)[0])
+    b = np.asarray(balanced.get_frame(0)[0])
+    assert not np.array_equal(a, b)  # two different networks ran
+    import esc_stream
+
+    expect = esc_stream.load(scale=2, model="fast")(np.full((24, 32, 3), [0.25, 0.5, 0.75], np.float32))
+    assert np.abs(a - expect[..., 0]).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"), [({"model": "turbo"}, "unknown model 'turbo'; choose one of: fast, balanced")]
+)
+def test_unknown_model_is_a_one_line_error(core, kwargs, needle):
+    clip = core.std.BlankClip(format=vs.RGBS, width=32, height=32, length=1)
+    with pytest.raises(vs.Error) as err:
+        core.esc.Upscale(clip, **kwargs)
+    assert ERROR.match(str(err.value)) and needle in str(err.value), str(err.value)

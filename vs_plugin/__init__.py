@@ -26,6 +26,7 @@ def upscale(
     clip: vs.VideoNode,
     scale: int | None = None,
     weights: str | os.PathLike[str] | None = None,
+    model: str | None = None,
     tile: int | None = None,
     overlap: int | None = None,
     device: str | None = None,
@@ -38,5 +39,5 @@ def upscale(
     _ensure_plugin(vs.core)
     kwargs = {"scale": scale, "tile": tile, "overlap": overlap, "device": device}
     kwargs |= {"num_streams": num_streams, "batch": batch, "weights": None if weights is None else os.fspath(weights)}
-    kwargs |= {"width": width, "height": height}
+    kwargs |= {"width": width, "height": height, "model": model}
     return vs.core.esc.Upscale(clip, **{k: v for k, v in kwargs.items() if v is not None})

@@ -18,6 +18,7 @@ import torch
 import esc_stream
 from esc_stream.devices import resolve_device
 from esc_stream.errors import CheckpointError, EscError, UserError
+from esc_stream.upscaler import check_tier
 from esc_stream.video.colour import target_size
 
 from .runner import NodeRunner
@@ -58,7 +59,8 @@ def create(info: dict[str, int], props: dict[str, int], args: dict[str, Any]) ->
 def _create(
     info: dict[str, int], props: dict[str, int], args: dict[str, Any]
 ) -> tuple[NodeRunner, dict[str, Any], int]:
-    unknown = set(args) - {"scale", "weights", "tile", "overlap", "device", "num_streams", "batch", "width", "height"}
+    known = {"scale", "weights", "model", "tile", "overlap", "device", "num_streams", "batch", "width", "height"}
+    unknown = set(args) - known
     if unknown:
         raise UserError(f"unknown arguments {sorted(unknown)}")
     width, height = info["width"], info["height"]
@@ -80,13 +82,16 @@ def _create(
     weights = args.get("weights")
     if scale is not None and scale not in (2, 3, 4):
         raise UserError(f"scale must be 2, 3 or 4, got {scale}")
+    tier = check_tier(args.get("model"))  # "fast" | "balanced"; anything else: one line listing them
 
     # fp16 where the clip is fp16 and the device computes it well; fp32 everywhere else (CPU half is slow).
     dtype = torch.float16 if half and device.type == "cuda" else torch.float32
     if weights is None:
-        up = esc_stream.load(None, scale=scale or 2, device=device, dtype=dtype, tile=tile, overlap=overlap)
-        if not up.pretrained:
-            warnings.append(f"esc.Upscale: {up.source}; pass weights= for real results")
+        try:
+            up = esc_stream.load(None, scale=scale or 2, model=tier, device=device, dtype=dtype, tile=tile,
+                                 overlap=overlap)  # fmt: skip
+        except CheckpointError as exc:  # no embedded model of this tier at this scale: the message lists them
+            raise UserError(str(exc)) from None
     else:
         path = Path(os.path.expanduser(weights))
         if not path.is_file():

@@ -190,7 +190,7 @@ static PyObject *frame_props(const VSAPI *vsapi, const VSFrame *f) {
 
 static PyObject *arguments(const VSMap *in, const VSAPI *vsapi) {
     static const char *ints[] = {"scale", "tile", "overlap", "num_streams", "batch", "width", "height"};
-    static const char *strs[] = {"weights", "device"};
+    static const char *strs[] = {"weights", "model", "device"};
     PyObject *dict = PyDict_New();
     for (size_t i = 0; dict && i < sizeof ints / sizeof ints[0]; i++) {
         int err = 0;
@@ -385,7 +385,7 @@ VS_EXTERNAL_API(void) VapourSynthPluginInit2(VSPlugin *plugin, const VSPLUGINAPI
     vspapi->configPlugin("io.github.esc-stream.esc", "esc", "ESC super-resolution (esc-stream)", VS_MAKE_VERSION(1, 0),
                          VAPOURSYNTH_API_VERSION, 0, plugin);
     vspapi->registerFunction("Upscale",
-                             "clip:vnode;scale:int:opt;weights:data:opt;tile:int:opt;overlap:int:opt;"
+                             "clip:vnode;scale:int:opt;weights:data:opt;model:data:opt;tile:int:opt;overlap:int:opt;"
                              "device:data:opt;num_streams:int:opt;batch:int:opt;width:int:opt;height:int:opt;",
                              "clip:vnode;", esc_create, NULL, plugin);
 }
