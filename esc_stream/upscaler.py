@@ -180,6 +180,7 @@ class Upscaler:
             raise ValueError(f"expected an Nx3xHxW tensor, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"expected a float tensor in [0, 1], got {x.dtype}")
+        check_pixels(x, "NCHW")
         out = self.upscale_tensor(x, size).clamp(0, 1)
         return out.to(x.device, x.dtype)
 
@@ -196,7 +197,9 @@ class Upscaler:
             peak = 1.0
         else:
             raise ValueError(f"unsupported pixel type {batch.dtype}; use uint8, uint16 or float32")
-        x = torch.from_numpy(np.require(batch, requirements=["C", "W"])).permute(0, 3, 1, 2).to(torch.float32)
+        x = torch.from_numpy(np.require(batch, requirements=["C", "W"]))
+        check_pixels(x, "NHWC")
+        x = x.permute(0, 3, 1, 2).to(torch.float32)
         if peak != 1.0:
             x = x / peak
         y = self.upscale_tensor(x, size).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
@@ -205,6 +208,30 @@ class Upscaler:
         else:
             y = y.astype(batch.dtype)
         return y[0] if single else y
+
+
+# Float frames are 0..1; a little over- and undershoot (e.g. from a YUV conversion) is normal and clamped away, but
+# values far outside are another convention (0..255 floats) and would come back almost all white or black.
+FLOAT_RANGE = (-0.5, 1.5)
+
+
+def check_pixels(x: torch.Tensor, layout: str) -> None:
+    """Refuse empty frames, non-finite pixels (naming how many and where the first is) and float frames outside
+    0..1, each with a ValueError of one line; `layout` ("NCHW" or "NHWC") says how positions are named."""
+    if x.numel() == 0:
+        raise ValueError(f"empty frame: shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        return
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = (~finite).any(1 if layout == "NCHW" else -1).nonzero()  # (frame, row, column), raster order
+        n, y, col = (int(v) for v in bad[0])
+        raise ValueError(f"{len(bad)} pixel(s) with NaN or infinite values; the first at frame {n}, row {y}, "
+                         f"column {col}")  # fmt: skip
+    lo, hi = float(x.min()), float(x.max())
+    if lo < FLOAT_RANGE[0] or hi > FLOAT_RANGE[1]:
+        hint = " (0..255 values? divide by 255)" if hi > 2 else ""
+        raise ValueError(f"float frames hold values in 0..1; this one spans {lo:g}..{hi:g}{hint}")
 
 
 def _random_model(scale: int) -> tuple[nn.Module, ModelDescriptor]:

@@ -84,3 +84,66 @@ def test_default_model_is_labelled():
         assert "RANDOM" in up.source and "RANDOM" in repr(up)
     with pytest.raises(ValueError):
         esc_stream.load(scale=2, tile=0)
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        (np.zeros((0, 8, 3), np.uint8), "empty frame"),
+        (np.zeros((1, 0, 8, 3), np.float32), "empty frame"),
+        (np.full((6, 7, 3), 0.5, np.float32), None),  # a clean frame passes
+        (np.full((6, 7, 3), 128.0, np.float64), r"values in 0\.\.1; this one spans 128\.\.128 \(0\.\.255 values"),
+        (np.full((6, 7, 3), -3.0, np.float32), r"values in 0\.\.1"),
+    ],
+)
+def test_frames_are_checked_before_the_network(up, frame, match):
+    if match is None:
+        assert up(frame).shape == (12, 14, 3)
+        return
+    with pytest.raises(ValueError, match=match):
+        up(frame)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_are_refused_with_count_and_position(up, bad):
+    frame = np.full((2, 6, 7, 3), 0.5, np.float32)
+    frame[1, 4, 2, 1] = bad
+    frame[1, 5, 6, 0] = bad
+    with pytest.raises(
+        ValueError, match=r"2 pixel\(s\) with NaN or infinite values; the first at frame 1, row 4, column 2"
+    ):
+        up(frame)
+    tensor = torch.from_numpy(frame).permute(0, 3, 1, 2)
+    with pytest.raises(ValueError, match=r"first at frame 1, row 4, column 2"):
+        up(tensor)
+
+
+@pytest.mark.parametrize("scale", [-1, 0, 1, 5, 2.0, 0.5, "2", True])
+def test_impossible_scales_are_refused(scale):
+    with pytest.raises(ValueError, match="scale must be 2, 3 or 4"):
+        esc_stream.load(scale=scale)
+
+
+def test_unknown_model_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown model 'turbo'; choose one of: fast, balanced"):
+        esc_stream.load(scale=2, model="turbo")
+
+
+def test_no_random_weights_unless_asked(monkeypatch):
+    from esc_stream import upscaler
+
+    monkeypatch.setattr(upscaler.EmbeddedModel, "exists", lambda self: False)
+    with pytest.raises(esc_stream.CheckpointError, match="no embedded balanced model for x3"):
+        esc_stream.load(scale=3)
+    stand_in = esc_stream.load(scale=3, allow_random=True)
+    assert not stand_in.pretrained and "RANDOM" in repr(stand_in)
+
+
+def test_every_embedded_model_is_pretrained_and_labelled():
+    from esc_stream.upscaler import embedded_models
+
+    shipped = embedded_models()
+    assert shipped, "no embedded model ships"
+    for m in shipped:
+        up = esc_stream.load(scale=m.scale, model=m.tier)
+        assert up.pretrained and up.scale == m.scale and f"embedded {m.tier} x{m.scale}" in up.source
