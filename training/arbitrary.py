@@ -86,14 +86,7 @@ class QuerySampler(SeededSampler):
         for _ in range(self.batch):
             im = self.images[self._randint(len(self.images))]
             y, x = self._randint(im.shape[1] - hp + 1), self._randint(im.shape[2] - hp + 1)
-            crop = im[:, y : y + hp, x : x + hp]
-            if self._randint(2):
-                crop = crop.flip(2)
-            if self._randint(2):
-                crop = crop.flip(1)
-            if self._randint(2):
-                crop = crop.transpose(1, 2)
-            crops.append(crop)
+            crops.append(self._augment(im[:, y : y + hp, x : x + hp]))
         hr = torch.stack(crops).float() / 255.0
         lr = imresize(hr.double(), size=(self.lr_patch, self.lr_patch)).float()
         lr = (lr.clamp(0, 1) * 255.0).round() / 255.0  # an 8-bit LR, as a decoded frame would be

@@ -72,6 +72,16 @@ class SeededSampler:
     def _randint(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self.generator))
 
+    def _augment(self, crop: torch.Tensor) -> torch.Tensor:
+        """A (C, H, W) crop under one of the 8 symmetries of the square: flips and a transpose, each drawn here."""
+        if self._randint(2):
+            crop = crop.flip(2)
+        if self._randint(2):
+            crop = crop.flip(1)
+        if self._randint(2):
+            crop = crop.transpose(1, 2)
+        return crop
+
 
 SAMPLINGS = ("image", "area")
 TEXTURE_TRIES = 5
@@ -164,14 +174,7 @@ class PatchSampler(SeededSampler):
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         crops = []
         for _ in range(self.batch):
-            crop = self._crop()
-            if self._randint(2):
-                crop = crop.flip(2)
-            if self._randint(2):
-                crop = crop.flip(1)
-            if self._randint(2):
-                crop = crop.transpose(1, 2)
-            crops.append(crop)
+            crops.append(self._augment(self._crop()))
         hr = torch.stack(crops).float() / 255.0
         lr = bicubic_down(hr, self.scale)
         # LR is quantised to 8 bits, as a real decoded frame would be

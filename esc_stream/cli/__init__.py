@@ -27,11 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_export_parser(sub)
     model.add_info_parser(sub)
 
-    from .. import demo  # the web demo's options live with it (a light module: no Gradio until it starts)
+    # the web demo's options live with it (a light module: no Gradio until it starts)
+    from ..demo import add_arguments as add_demo_arguments
+    from ..demo import run as run_demo
 
     p = sub.add_parser("demo", help="web demo (Gradio) on 127.0.0.1: upscale images and short videos in a browser")
-    demo.add_arguments(p)
-    p.set_defaults(func=demo.run)
+    add_demo_arguments(p)
+    p.set_defaults(func=run_demo)
     return ap
 
 

@@ -122,6 +122,12 @@ def add_encoder_args(p: argparse.ArgumentParser, codec: str = "default libx264; 
                    help=f"extra encoder option, repeatable{extra}")  # fmt: skip
 
 
+def add_copy_args(p: argparse.ArgumentParser) -> None:
+    """Which streams besides the video are copied (read by `transcode_options`)."""
+    p.add_argument("--no-audio", action="store_true", help="drop audio streams")
+    p.add_argument("--no-subtitles", action="store_true", help="drop subtitle streams")
+
+
 def encoder_choices(args: argparse.Namespace) -> dict[str, Any]:
     """The encoder options of `add_encoder_args`, as keyword arguments of TranscodeOptions/StreamOptions."""
     return {
@@ -134,8 +140,8 @@ def encoder_choices(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def transcode_options(args: argparse.Namespace, size: tuple[int | None, int | None] | None = None) -> Any:
-    """TranscodeOptions from the encoder and stream flags (and --start/--duration/--resume where the command
-    has them); `size` is the exact output size, None for the model's scale."""
+    """TranscodeOptions from the encoder and copy flags and --overwrite (and --start/--duration/--resume where
+    the command has them); `size` is the exact output size, None for the model's scale."""
     from ..video.transcode import TranscodeOptions
 
     return TranscodeOptions(

@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import UserError
 from .common import (
     ProgressLine,
+    add_copy_args,
     add_encoder_args,
     add_model_args,
     load_upscaler,
@@ -48,8 +49,7 @@ def add_batch_parser(sub: Any) -> None:
     add_model_args(p)
     add_encoder_args(p)
     p.add_argument("--ext", help="output container for every file, e.g. .mkv (default: the input's)")
-    p.add_argument("--no-audio", action="store_true", help="drop audio streams")
-    p.add_argument("--no-subtitles", action="store_true", help="drop subtitle streams")
+    add_copy_args(p)
     p.add_argument("--overwrite", action="store_true", help="redo files whose output exists (default: skip them)")
     p.add_argument("--quiet", action="store_true", help="only the summary")
     add_ray_options(p, segments=False)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .common import (
     ProgressLine,
+    add_copy_args,
     add_encoder_args,
     add_model_args,
     encoder_choices,
@@ -34,8 +35,7 @@ def add_transcode_parser(sub: Any) -> None:
     p.add_argument("output", help="output video; written as OUTPUT.partial, renamed when complete")
     add_model_args(p)
     add_encoder_args(p)
-    p.add_argument("--no-audio", action="store_true", help="drop audio streams")
-    p.add_argument("--no-subtitles", action="store_true", help="drop subtitle streams")
+    add_copy_args(p)
     p.add_argument("--start", type=seconds, default=0.0, help="start at T (seconds or [HH:]MM:SS[.ms])")
     p.add_argument("--duration", type=seconds, help="stop after T (seconds or [HH:]MM:SS[.ms])")
     p.add_argument("--resume", action="store_true", help="continue OUTPUT.partial from its last complete GOP")

@@ -32,7 +32,7 @@ import av
 import numpy as np
 
 from ..errors import VideoError
-from ..video.colour import Colour, frame_to_rgb
+from ..video.colour import frame_to_rgb
 from ..video.encode import (
     DEFAULT_CODEC,
     FrameSink,
@@ -208,7 +208,6 @@ def encode_segment(job: Job, seg: Segment) -> dict[str, Any]:
     info = job.info
     path = job.segment_path(seg)
     tmp = path.with_name(path.name + ".partial")
-    records: list[list[int]] = []
     bad: list[str] = []
     with open_input(job.src) as inp:
         ivs = inp.streams.video[0]
@@ -221,9 +220,10 @@ def encode_segment(job: Job, seg: Segment) -> dict[str, Any]:
         out = av.open(str(tmp), mode="w", format=SEGMENT_FORMAT)
         try:
             ovs = open_encoder(out, info, up.scale, job.opts, job.fmt)
-            sink = _RecordingSink(out, ovs, info.colour, up.scale, ivs.time_base, records)
+            sink = _RecordingSink(out, ovs, info.colour, up.scale, cast(Fraction, ivs.time_base))
             frames = _encode_frames(job, seg, inp, ivs, sink, up, bad)
             sink.flush()
+            records = sink.records
         except BaseException:
             out.close()
             tmp.unlink(missing_ok=True)
@@ -251,17 +251,9 @@ class _RecordingSink(FrameSink):
     """Keeps the encoder's own pts, dts and duration of every packet: the join restores them exactly, whatever
     NUT does with them."""
 
-    def __init__(
-        self,
-        out: av.container.OutputContainer,
-        stream: av.video.stream.VideoStream,
-        colour: Colour,
-        scale: int,
-        time_base: Fraction,
-        records: list[list[int]],
-    ) -> None:
-        super().__init__(out, stream, colour, scale, time_base)
-        self.records = records
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.records: list[list[int]] = []  # [pts, dts, duration] of every packet, in muxing order
 
     def mux(self, packets: Iterable[av.Packet]) -> None:
         for packet in packets:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, cast
 
@@ -168,7 +169,7 @@ def _transcode_open(
         out = av.open(str(tmp), mode="w", format=fmt, options={"flush_packets": "1"})
         try:
             ovs = open_encoder(out, info, upscaler.scale, opts, fmt)
-            sink = FrameSink(out, ovs, info.colour, upscaler.scale, ivs.time_base)
+            sink = FrameSink(out, ovs, info.colour, upscaler.scale, cast(Fraction, ivs.time_base))
             copies = add_copied_streams(inp, out, dst, audio=opts.audio, subtitles=opts.subtitles)
             copy_metadata(inp, out, chapters=opts.start == 0 and opts.duration is None)
             # a resumed run re-encodes video from the cut but copies audio/subtitles whole, so the muxer
