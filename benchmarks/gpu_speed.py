@@ -77,10 +77,10 @@ def main() -> int:
                     )
                 up = Upscaler(copy.deepcopy(base), desc, device=device, dtype=dtype)
                 frames = [np.random.default_rng(i).integers(0, 256, (h, w, 3), np.uint8) for i in range(args.frames)]
-                engine = CudaFrames(up)
-                list(engine.map(frames[:5]))
+                cuda_frames = CudaFrames(up)
+                list(cuda_frames.map(frames[:5]))
                 t0 = time.perf_counter()
-                n = sum(1 for _ in engine.map(frames))
+                n = sum(1 for _ in cuda_frames.map(frames))
                 rows.append(("Upscaler + stream pipeline (uint8)", (time.perf_counter() - t0) / n))
             for label, sec in rows:
                 print(f"{name:<16} {label:<34} {sec * 1e3:9.2f} {1 / sec:9.1f}")

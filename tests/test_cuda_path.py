@@ -489,9 +489,9 @@ def test_official_flashbias_checkpoint_loads_and_matches(tmp_path):
     desc = describe_state_dict(read_state_dict(path))
     assert desc.config["window_size"] == 8 and desc.config["num_heads"] == 3 and desc.config["flashbias_rank"] == 64
     model, _ = load_model(path)
-    x = torch.rand(1, 3, 16, 24)  # window multiples: the engine pads the image itself otherwise
+    x = torch.rand(1, 3, 16, 24)  # window multiples: the tiling pads the image itself otherwise
     assert (model.eval()(x) - reference(x)).abs().max().item() <= 1e-4
-    up = __import__("esc_stream").load(path)  # the whole engine (re-parameterisation, CPU fast path)
+    up = __import__("esc_stream").load(path)  # the whole inference path (re-parameterisation, CPU fast path)
     assert (up.upscale_tensor(x) - reference(x)).abs().max().item() <= 1e-4
 
 

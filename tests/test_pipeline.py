@@ -1,4 +1,4 @@
-"""The decode ∥ infer ∥ encode engine: order, bounded memory, errors from every stage, clean stop."""
+"""The decode ∥ infer ∥ encode pipeline: order, bounded memory, errors from every stage, clean stop."""
 
 import threading
 import time

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..video.transcode import CONTAINERS
+from ..video.encode import CONTAINERS
 
 # what counts as a video when walking a folder (by extension: probing every file would be slow and noisy)
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mts", ".mpg", ".mpeg",
@@ -115,13 +115,13 @@ def transcode_file(src: Path, dst: Path, upscaler: Any, opts: Any, progress: Any
     """One file; every failure becomes a FileResult with one line, so the batch can go on."""
     import av
 
-    from ..video.probe import VideoError
+    from ..errors import EscError
     from ..video.transcode import transcode
 
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         result = transcode(src, dst, upscaler, opts, progress=progress)
-    except (VideoError, OSError, av.error.FFmpegError, MemoryError) as exc:
+    except (EscError, OSError, av.error.FFmpegError, MemoryError) as exc:
         return FileResult(src, dst, False, message=one_line(exc))
     except Exception as exc:  # noqa: BLE001 - one bad file never stops the rest
         return FileResult(src, dst, False, message=f"internal error: {type(exc).__name__}: {one_line(exc)}")

@@ -15,7 +15,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayError, RayTaskError, WorkerCrashedError
 
-from ..video.probe import VideoError
+from ..errors import VideoError
 from .segments import Job, Segment, SegmentDone, encode_segment
 
 SegmentTask = Callable[[Job, Segment], dict[str, Any]]
