@@ -55,6 +55,12 @@ from .models.esc_fp import DecomposedConvolutionalAttentionWrapper
 SPECTRUM_BUDGET = 48 * 2**20
 # The NHWC path transforms tiles in groups with at most this many bytes of spectrum (cache-sized).
 FFT_GROUP_BYTES = 8 * 2**20
+# Channel mixing of at most this many (in, out) pairs runs in the native loop (esc_stream.native.spectral_mix);
+# ESC_STREAM_NATIVE_MIX=0 keeps the batched GEMM.
+SMALL_MIX = 12 * 12
+# LayerNorms over at most this many channels run in the native loop too (esc_stream.native.layer_norm_rows).
+SMALL_NORM = 32
+NATIVE_MIX = os.environ.get("ESC_STREAM_NATIVE_MIX", "1") != "0"
 # Spectra kept for the most recent frame sizes (tiles at frame borders have their own sizes).
 CACHE_SIZES = 32
 CACHE_BYTES = 4 * SPECTRUM_BUDGET
@@ -218,6 +224,8 @@ class LargeKernelFFT:
         o = p.spectrum.shape[2]
         fh, fw = r.nfft, c.nfft // 2 + 1
         group = max(1, FFT_GROUP_BYTES // (fh * fw * ci * 2 * x.element_size()))
+        # few channels (the CPU models' 8 or 12): a batched GEMM of tiny matrices is mostly per-matrix overhead
+        small = ci * o <= SMALL_MIX and x.dtype == torch.float32 and NATIVE_MIX
         out = x.new_empty(b, h, w, o)
         for i in range(b):
             for ty in range(r.tiles):
@@ -231,7 +239,9 @@ class LargeKernelFFT:
                     tiles = slab.unfold(1, c.core + halo, c.core).permute(0, 3, 2, 1)  # (th, tw, C, nt)
                     spec = torch.fft.rfft2(tiles, s=(r.nfft, c.nfft), dim=(0, 1)).contiguous()  # (Fh, Fw, C, nt)
                     xs = torch.view_as_real(spec).view(fh * fw, ci, 2 * nt)
-                    ys = torch.bmm(xs.transpose(1, 2), p.spectrum).transpose(1, 2).contiguous()  # (F, O, 2*nt)
+                    ys = native.spectral_mix(xs, p.spectrum) if small else None  # (F, O, 2*nt)
+                    if ys is None:
+                        ys = torch.bmm(xs.transpose(1, 2), p.spectrum).transpose(1, 2).contiguous()
                     yc = torch.view_as_complex(ys.view(fh * fw, o, nt, 2)).view(fh, fw, o, nt)
                     yt = torch.fft.irfft2(yc, s=(r.nfft, c.nfft), dim=(0, 1))[pad : pad + r.core, pad : pad + c.core]
                     x1 = min(tx1 * c.core, w)
@@ -316,7 +326,12 @@ def _norm_rows(ln: nn.Module, x: torch.Tensor) -> torch.Tensor:
     assert isinstance(ln, LayerNorm)
     affine = type(ln) is LayerNorm  # not folded into the next 1x1
     c = x.shape[-1]
-    return F.layer_norm(x, (c,), ln.weight if affine else None, ln.bias if affine else None, ln.eps)
+    weight, bias = (ln.weight, ln.bias) if affine else (None, None)
+    if c <= SMALL_NORM and NATIVE_MIX and _fused(x):  # the generic kernel's per-row setup dominates at few channels
+        y = native.layer_norm_rows(x.contiguous(), weight, bias, ln.eps)
+        if y is not None:
+            return y
+    return F.layer_norm(x, (c,), weight, bias, ln.eps)
 
 
 def _ffn_bands(ffn: ConvFFN, ln: nn.Module, x: torch.Tensor) -> Iterator[tuple[int, int, int, torch.Tensor]]:
@@ -514,7 +529,7 @@ class FastBlock(nn.Module):
         window_attention_add_(cast(WindowAttention, self.attn), self.ln_attn, x)
         for pconv in self.pconvs:
             x = pconv(x)
-        return _conv_add(self.ln_out(x), cast(nn.Conv2d, self.conv_out), skip)
+        return _conv_add(_nchw(_norm_rows(self.ln_out, _nhwc(x))), cast(nn.Conv2d, self.conv_out), skip)
 
 
 def _large_kernel(model: nn.Module) -> tuple[LargeKernelFFT, torch.Tensor | None]:

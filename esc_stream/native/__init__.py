@@ -39,7 +39,9 @@ from torch.autograd.function import once_differentiable
 SOURCE = Path(__file__).with_name("window_attention.c")
 # the training kernels (forward keeping the log-sum-exp, and backward), built into the same shared object
 TRAIN_SOURCE = Path(__file__).with_name("attention_train.c")
-SOURCES = (SOURCE, TRAIN_SOURCE)
+# the fast path's small-channel operations: per-frequency channel mixing and per-pixel LayerNorm (small_ops.c)
+MIX_SOURCE = Path(__file__).with_name("small_ops.c")
+SOURCES = (SOURCE, TRAIN_SOURCE, MIX_SOURCE)
 HEADERS = (Path(__file__).with_name("simd_exp2.h"),)
 HEAD_SIZE = 16  # the kernel's head size (every published ESC variant uses 16)
 LOG2E = 1.0 / math.log(2.0)
@@ -137,6 +139,12 @@ def _load(variant: str | None = None) -> ctypes.CDLL | None:
                 fwd.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_float]
                 bwd.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float] * 2
                 fwd.restype = bwd.restype = ctypes.c_int
+                mix = lib.esc_spectral_mix
+                mix.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+                mix.restype = ctypes.c_int
+                norm = lib.esc_layer_norm_rows
+                norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
+                norm.restype = ctypes.c_int
                 lib.esc_attention_train_supported.restype = ctypes.c_int
                 libs[variant] = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -243,6 +251,47 @@ def window_attention(
     fn = lib.esc_window_attention
     _run_parts(parts, lambda w0, w1, h0, h1: fn(*args, w0, w1, h0, h1, scale2))
     return out
+
+
+def spectral_mix(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
+    """y[f] = s[f]ᵀ @ x[f] for x (F, ci, cols) and s (F, ci, co) fp32 CPU: (F, co, cols), what
+    `torch.bmm(x.transpose(1, 2), s).transpose(1, 2)` computes, without per-matrix overhead. None when the kernel
+    is unavailable or co > 64."""
+    lib = _load()
+    if lib is None or x.dtype != torch.float32 or s.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    if s.shape[2] > 64:
+        return None
+    x, s = x.contiguous(), s.contiguous()
+    f, ci, cols = x.shape
+    co = s.shape[2]
+    if s.shape[:2] != (f, ci):
+        raise ValueError(f"spectra do not match: x {tuple(x.shape)}, s {tuple(s.shape)}")
+    y = torch.empty(f, co, cols, dtype=torch.float32)
+    args = (x.data_ptr(), s.data_ptr(), y.data_ptr(), ci, co, cols)
+    fn = lib.esc_spectral_mix
+    _run_parts(_window_parts(f), lambda f0, f1: fn(*args, f0, f1))
+    return y
+
+
+def layer_norm_rows(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor | None:
+    """`F.layer_norm` over the last axis of a contiguous fp32 CPU (..., C) tensor, for small C; a new tensor.
+    None when the kernel is unavailable (the caller keeps F.layer_norm)."""
+    lib = _load()
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        return None
+    c = x.shape[-1]
+    rows = x.numel() // c if c else 0
+    y = torch.empty_like(x)
+    if weight is not None:
+        weight, bias = weight.float().contiguous(), (bias if bias is not None else torch.zeros(c)).float().contiguous()
+    args = (x.data_ptr(), y.data_ptr(), 0 if weight is None else weight.data_ptr(),
+            0 if bias is None or weight is None else bias.data_ptr(), c, float(eps))  # fmt: skip
+    fn = lib.esc_layer_norm_rows
+    _run_parts(_window_parts(rows), lambda r0, r1: fn(*args, r0, r1))
+    return y
 
 
 def _window_parts(windows: int) -> list[tuple[int, int]]:
