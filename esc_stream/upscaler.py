@@ -92,8 +92,10 @@ class Upscaler:
         pretrained: bool = True,
         source: str = "",
         backend: str = "torch",
+        tier: str | None = None,
     ) -> None:
         self.descriptor = descriptor
+        self.tier = tier  # the embedded tier it came from; None for a checkpoint file
         self.device = resolve_device(device)  # "auto": CUDA when present; "cuda" without one: a one-line error
         self.dtype = dtype
         self.tile = tile
@@ -296,8 +298,5 @@ def load(
         pretrained=pretrained,
         source=source,
         backend=backend,
+        tier=tier if weights is None else None,
     )
-
-
-# the name before the model family (one tier): the CLI's model options still use it until they take `--model`
-DefaultModel = EmbeddedModel

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     scaleout.add_batch_parser(sub)
     video.add_stream_parser(sub)
     video.add_probe_parser(sub)
+    model.add_models_parser(sub)
     model.add_export_parser(sub)
     model.add_info_parser(sub)
 
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "model", None) is not None:  # before any file is looked at: one line naming the tiers
+            from ..upscaler import check_tier
+
+            check_tier(args.model)
         return int(args.func(args))
     except EscError as exc:
         print(f"esc-video: {exc}", file=sys.stderr)

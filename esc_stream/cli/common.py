@@ -97,6 +97,8 @@ def key_value(text: str) -> tuple[str, str]:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Which model runs, where and how: shared by image, transcode, stream and batch (read by `load_upscaler`)."""
     p.add_argument("--weights", type=Path, help="ESC checkpoint (.pth from the official release, or .safetensors)")
+    p.add_argument("--model", help="embedded model: fast or balanced (default balanced; stream: fast); "
+                   "`esc-video models` lists them. --weights wins")  # fmt: skip
     p.add_argument("--scale", type=scale_factor,
                    help="2, 3 or 4 (default 2); any, e.g. 1.5, with an arbitrary-scale model")  # fmt: skip
     p.add_argument("--tile", type=positive, help="tile side in input pixels (default: whole frame)")
@@ -161,7 +163,7 @@ def requested_size(
 ) -> tuple[int | None, int | None] | None:
     """The output size asked for: --size, --width/--height, or a --scale no model has (given the input `dims`)."""
     factor = getattr(args, "scale", None)
-    fractional = factor is not None and factor not in (2, 3, 4)
+    fractional = needs_resample(args)
     if args.size and (args.width or args.height):
         raise UserError("give --size or --width/--height, not both")
     if fractional and (args.size or args.width or args.height):
@@ -182,42 +184,76 @@ def requested_size(
 # ---- the model -----------------------------------------------------------------------------------------------
 
 
-def model_scale_for(factor: float) -> int:
-    """The smallest scale of the embedded default models that reaches `factor` (else the largest one shipped)."""
-    from ..upscaler import DefaultModel
+def model_tier(args: argparse.Namespace) -> str:
+    """The embedded tier the flags ask for: --model, else fast for `stream` (live needs speed), else balanced;
+    UserError listing the tiers for an unknown name."""
+    from ..upscaler import DEFAULT_TIER, check_tier
 
-    shipped = [k for k in (2, 3, 4) if DefaultModel(k).exists()] or [2]
+    if args.model is None:
+        return "fast" if getattr(args, "command", "") == "stream" else DEFAULT_TIER
+    return check_tier(args.model)
+
+
+def needs_resample(args: argparse.Namespace) -> bool:
+    """True when the --scale asked for is run at another model scale and resampled: a scale no model has (1.5),
+    or an embedded tier that does not ship this whole scale."""
+    from ..upscaler import EmbeddedModel
+
+    factor = getattr(args, "scale", None)
+    if factor is None:
+        return False
+    if factor not in (2, 3, 4):
+        return True
+    return getattr(args, "weights", None) is None and not EmbeddedModel(int(factor), model_tier(args)).exists()
+
+
+def model_scale_for(factor: float, tier: str) -> int:
+    """The smallest scale of the tier's embedded models that reaches `factor` (else the largest one shipped)."""
+    from ..upscaler import embedded_models
+
+    shipped = [m.scale for m in embedded_models(tier)] or [2]
     return min((k for k in shipped if k >= factor), default=max(shipped))
 
 
 def load_upscaler(args: argparse.Namespace) -> Any:
     """The Upscaler the model options of `add_model_args` describe; UserError (one line) when it cannot be had.
-    Warns on stderr when it has random weights."""
+    Says on stderr which model runs when that is not what was asked for (a resampled scale, --weights over
+    --model) and, for `stream`, always."""
     import torch
 
     from ..devices import resolve_device
     from ..upscaler import load
 
     args.device = str(resolve_device(args.device))  # "auto": the CUDA path (esc_stream/cuda) when torch sees a GPU
+    tier = model_tier(args)
     # A scale other than 2/3/4: an arbitrary-scale checkpoint decodes it directly (image); a fixed-scale model runs
     # at the smallest scale that reaches it and the result is resampled to the exact size (see requested_size).
-    fixed = args.scale in (2, 3, 4)
-    if args.scale and not fixed and getattr(args, "command", "image") == "stream":
-        raise UserError(f"--scale {args.scale}: a live stream's size is known only once it starts; "
-                        "use --size/--width/--height")  # fmt: skip
+    # An embedded tier without this scale does the same, saying so.
+    fixed = not needs_resample(args)
+    stream = getattr(args, "command", "image") == "stream"
+    if args.scale and not fixed and stream:
+        raise UserError(f"--scale {args.scale}: no {tier} model has it and a live stream's size is known only once "
+                        "it starts; use --size/--width/--height")  # fmt: skip
     dtype = getattr(torch, args.dtype)
     if dtype == torch.float16 and not args.device.startswith("cuda"):
         raise UserError("--dtype float16 needs a CUDA device; use bfloat16 or float32 on the CPU")
-    scale = args.scale if fixed else model_scale_for(args.scale or 2)
+    scale = args.scale if fixed and args.scale else model_scale_for(args.scale or 2, tier)
     try:
-        up = load(args.weights, scale=scale, device=args.device, dtype=dtype, tile=args.tile, overlap=args.overlap,
-                  backend=getattr(args, "backend", "torch"))  # fmt: skip
+        up = load(args.weights, scale=scale, model=tier, device=args.device, dtype=dtype, tile=args.tile,
+                  overlap=args.overlap, backend=getattr(args, "backend", "torch"))  # fmt: skip
     except EscError:
         raise
     except (RuntimeError, ValueError) as exc:
         raise UserError(f"--device {args.device}: {exc}") from None
-    if args.weights is not None and fixed and args.scale != up.scale and not up.arbitrary:
+    if args.weights is not None and fixed and args.scale and args.scale != up.scale and not up.arbitrary:
         raise UserError(f"--scale {args.scale} does not match {args.weights}, which is a x{up.scale} model")
+    if args.weights is not None and args.model is not None:
+        print(f"esc-video: --weights {args.weights} runs; --model {args.model} is ignored", file=sys.stderr)
+    if args.weights is None and args.scale in (2, 3, 4) and not fixed:
+        print(f"esc-video: no embedded {tier} model for x{args.scale}; running x{up.scale} and resampling",
+              file=sys.stderr)  # fmt: skip
+    if stream and not getattr(args, "quiet", False):
+        print(f"esc-video: model: {up.source}", file=sys.stderr)
     if not up.pretrained:
         print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
     return up

@@ -64,7 +64,7 @@ def _model_spec(args: argparse.Namespace) -> Any:
     weights = str(Path(args.weights).resolve()) if args.weights else None
     device = args.device
     backend = getattr(args, "backend", "torch")
-    return ModelSpec(weights, up.scale, device, args.dtype, args.tile, args.overlap, backend), up
+    return ModelSpec(weights, up.scale, device, args.dtype, args.tile, args.overlap, backend, up.tier), up
 
 
 def _ray_device(args: argparse.Namespace) -> str:

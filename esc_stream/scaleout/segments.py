@@ -66,6 +66,7 @@ class ModelSpec:
     tile: int | None = None
     overlap: int = 64
     backend: str = "torch"
+    model: str | None = None  # the embedded tier when `weights` is None
 
     def load(self) -> Any:
         """The upscaler, built once per process: a worker running many tasks loads the model once."""
@@ -75,8 +76,9 @@ class ModelSpec:
 
             from ..upscaler import load
 
-            up = load(self.weights, scale=self.scale, device=self.device, dtype=getattr(torch, self.dtype),
-                      tile=self.tile, overlap=self.overlap, backend=self.backend)  # fmt: skip
+            up = load(self.weights, scale=self.scale, model=self.model, device=self.device,
+                      dtype=getattr(torch, self.dtype), tile=self.tile, overlap=self.overlap,
+                      backend=self.backend)  # fmt: skip
             _UPSCALERS[self] = up
         return up
 
