@@ -14,6 +14,8 @@ from typing import Any
 
 import gradio as gr
 
+from esc_stream.upscaler import DEFAULT_TIER, TIERS
+
 from .service import (
     CHECKPOINT_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -33,9 +35,10 @@ SIZE_MODES = ["Model scale", "Exact size"]
 CACHE_CLEANUP = (600, 3600)
 
 INTRO = """# esc-stream · ESC super-resolution
-Upscale a picture or a short clip on this server's CPU with the embedded default ×2 model (or an official ESC
-checkpoint you upload). Uploads are checked by content and kept in a private temporary folder that is cleared after
-use (within the hour at the latest). One job per visitor at a time; jobs queue when the server is busy."""
+Upscale a picture or a short clip on this server's CPU with an embedded model: *fast* (about FSRCNN's speed, for
+video) or *balanced* (the best quality) — or with an official ESC checkpoint you upload. Uploads are checked by
+content and kept in a private temporary folder that is cleared after use (within the hour at the latest). One job
+per visitor at a time; jobs queue when the server is busy."""
 
 
 def _session(request: gr.Request | None) -> str:
@@ -67,12 +70,13 @@ class Handlers:
         mode: str,
         width: Any,
         height: Any,
+        model: Any,
         request: gr.Request,
     ) -> tuple[tuple[Any, Any], str, str]:
         try:
             if not upload:
                 raise DemoError("upload an image first")
-            settings = Settings.from_controls(scale, checkpoint, tile, mode, width, height)
+            settings = Settings.from_controls(scale, checkpoint, tile, mode, width, height, model)
             with self.workspace.job(_session(request)) as out_dir:
                 r = upscale_image(Path(upload), settings, self.models, self.limits, out_dir)
         except Exception as exc:
@@ -88,13 +92,14 @@ class Handlers:
         mode: str,
         width: Any,
         height: Any,
+        model: Any,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[str, str, str]:
         try:
             if not upload:
                 raise DemoError("upload a video first")
-            settings = Settings.from_controls(scale, checkpoint, tile, mode, width, height)
+            settings = Settings.from_controls(scale, checkpoint, tile, mode, width, height, model)
             session = _session(request)
             with self.workspace.job(session) as out_dir:
                 r = self._run_video(Path(upload), settings, out_dir, self.workspace.stop_event(session), progress)
@@ -147,7 +152,9 @@ def build_app(limits: Limits | None = None, workspace: Workspace | None = None) 
         gr.Markdown(INTRO)
         with gr.Accordion("Model and output size", open=True):
             with gr.Row():
-                scale = gr.Radio([2, 3, 4], value=2, label="Scale (default model; ×3 has none yet: random weights)")
+                model = gr.Radio(list(TIERS), value=DEFAULT_TIER, label="Model (fast: real-time class on a CPU)",
+                                 elem_id="model")  # fmt: skip
+                scale = gr.Radio([2, 3, 4], value=2, label="Scale (embedded models; `esc-video models` lists them)")
                 checkpoint = gr.File(
                     label="Official checkpoint (optional; its own scale is used)",
                     file_types=CHECKPOINT_EXTENSIONS,
@@ -160,7 +167,7 @@ def build_app(limits: Limits | None = None, workspace: Workspace | None = None) 
                 mode = gr.Radio(SIZE_MODES, value=SIZE_MODES[0], label="Output size")
                 width = gr.Number(value=0, precision=0, minimum=0, label="Width (0: follow the aspect)")
                 height = gr.Number(value=0, precision=0, minimum=0, label="Height (0: follow the aspect)")
-        controls = [scale, checkpoint, tile, mode, width, height]
+        controls = [scale, checkpoint, tile, mode, width, height, model]
         with gr.Tab("Image"):
             with gr.Row():
                 with gr.Column(scale=1):

@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from esc_stream.errors import CheckpointError, ImageError, UserError, VideoError
 from esc_stream.images import Picture, read_image, upscale_picture, write_image
-from esc_stream.upscaler import Upscaler, load
+from esc_stream.upscaler import DEFAULT_TIER, TIERS, Upscaler, load
 from esc_stream.video.colour import target_size
 from esc_stream.video.probe import VideoInfo, probe
 from esc_stream.video.transcode import TranscodeOptions, transcode
@@ -66,12 +66,21 @@ class Settings:
     checkpoint: Path | None = None
     tile: int | None = 512
     size: tuple[int | None, int | None] | None = None
+    model: str = DEFAULT_TIER  # the embedded tier, when no checkpoint is given
 
     @staticmethod
     def from_controls(
-        scale: object, checkpoint: str | None, tile: object, mode: str, width: object, height: object
+        scale: object,
+        checkpoint: str | None,
+        tile: object,
+        mode: str,
+        width: object,
+        height: object,
+        model: object = DEFAULT_TIER,
     ) -> Settings:
         """Turn raw control values into Settings; a DemoError names the control that is wrong."""
+        if model not in TIERS:
+            raise DemoError(f"model must be one of {', '.join(TIERS)}, got {model!r}")
         s = _whole(scale, "scale")
         if s not in (2, 3, 4):
             raise DemoError(f"scale must be 2, 3 or 4, got {s}")
@@ -90,7 +99,7 @@ class Settings:
         ckpt = Path(checkpoint) if checkpoint else None
         if ckpt is not None and ckpt.suffix.lower() not in CHECKPOINT_EXTENSIONS:
             raise DemoError(f"{ckpt.name}: a checkpoint must be a .pth or .safetensors file")
-        return Settings(s, ckpt, t or None, size)
+        return Settings(s, ckpt, t or None, size, str(model))
 
 
 def _whole(value: object, name: str) -> int:
@@ -196,13 +205,13 @@ class Models:
 
     def __init__(self, capacity: int = 3) -> None:
         self.capacity = capacity
-        self._cache: OrderedDict[tuple[str, int, int | None], Upscaler] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, int, int | None], Upscaler] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, settings: Settings) -> Upscaler:
         ckpt = settings.checkpoint
         digest = _sha256(ckpt) if ckpt is not None else "default"
-        key = (digest, settings.scale, settings.tile)  # arbitrary-scale checkpoints take the scale asked for
+        key = (digest, settings.model, settings.scale, settings.tile)  # arbitrary-scale checkpoints take the scale
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -217,9 +226,10 @@ class Models:
     def _load(settings: Settings) -> Upscaler:
         ckpt = settings.checkpoint
         try:
-            up = load(ckpt, scale=settings.scale, tile=settings.tile)
+            up = load(ckpt, scale=settings.scale, model=settings.model, tile=settings.tile)
         except CheckpointError as exc:
-            assert ckpt is not None  # the embedded default always loads
+            if ckpt is None:  # the tier has no model at this scale: the message lists the scales it has
+                raise DemoError(str(exc)) from None
             raise DemoError(_scrub(str(exc), {ckpt: ckpt.name})) from None
         if ckpt is not None:
             up.source = f"uploaded {ckpt.name}"

@@ -366,3 +366,16 @@ def test_browser_upscales_a_video_with_audio(served, tmp_path):
     with av.open(str(out)) as c:
         v = c.streams.video[0].codec_context
         assert (v.width, v.height) == (128, 96) and len(c.streams.audio) == 1
+
+
+def test_the_model_control_selects_the_tier_and_refuses_others(tmp_path):
+    from esc_stream.upscaler import EmbeddedModel
+
+    s = Settings.from_controls(2, None, 0, "Model scale", 0, 0, "fast")
+    assert s.model == "fast" and Settings.from_controls(2, None, 0, "Model scale", 0, 0).model == "balanced"
+    with pytest.raises(DemoError, match="model must be one of fast, balanced"):
+        Settings.from_controls(2, None, 0, "Model scale", 0, 0, "turbo")
+    if EmbeddedModel(2, "fast").exists():
+        models = Models()
+        assert models.get(s).variant == "esc_fast"
+        assert models.get(Settings()).variant != "esc_fast"  # the cache keeps the tiers apart
