@@ -32,6 +32,8 @@ from .temporal import clip_forward, clip_loss, flicker
 class FinetuneConfig:
     init: str = ""
     stills_dir: str = "../shared/data/train291"
+    # each still downscaled by this factor as it is read (0.5 for the photos63 wallpapers, as in training)
+    prescale: float = 1.0
     sequences: list[str] = field(default_factory=lambda: ["../shared/data/realvideo_demo000"])
     val_stills_dir: str = "../shared/data/kodak24"
     frames: int = 5
@@ -83,7 +85,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
     model.load_state_dict(sd)
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.9))
-    sampler = ClipSampler(load_images(cfg.stills_dir), [FrameSequence(p) for p in cfg.sequences], desc.scale,
+    sampler = ClipSampler(load_images(cfg.stills_dir, prescale=cfg.prescale), [FrameSequence(p) for p in cfg.sequences], desc.scale,
                           cfg.frames, cfg.lr_patch, cfg.batch, cfg.real_fraction)  # fmt: skip
     sampler.generator.manual_seed(cfg.seed)
     it = 0
