@@ -18,6 +18,17 @@ def demo_frames(n: int, size: tuple[int, int] = (64, 36)) -> list[np.ndarray]:
     return [np.asarray(Image.open(f).convert("RGB").resize(size, Image.BICUBIC)) for f in files]
 
 
+def smooth_pictures(folder: Path, n: int, size: tuple[int, int]) -> Path:
+    """`n` blocky-smooth random RGB PNGs of `size` (h, w) in `folder` (made): a stand-in validation set."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    for i in range(n):
+        smooth = np.kron(rng.random((h // 8 + 1, w // 8 + 1, 3)), np.ones((8, 8, 1)))[:h, :w]
+        Image.fromarray((smooth * 255).astype(np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
 def write_srt(path: Path, cues: list[tuple[float, float, str]]) -> Path:
     def ts(t: float) -> str:
         ms = int(round(t * 1000))

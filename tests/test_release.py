@@ -1,9 +1,8 @@
 """The release step: it ships a run's weights as one embedded model, with what it measured in the file's metadata,
 and rewrites the model card's family table from every shipped file."""
 
-import numpy as np
 import torch
-from PIL import Image
+from media import smooth_pictures
 
 from esc_stream.checkpoints import save_checkpoint
 from esc_stream.models import create_model
@@ -25,12 +24,7 @@ def test_release_ships_metadata_and_writes_the_family_table(tmp_path):
     from esc_stream.training.release import main
     from safetensors import safe_open
 
-    rng = np.random.default_rng(0)
-    val = tmp_path / "val"
-    val.mkdir()
-    for i in range(2):
-        smooth = np.kron(rng.random((9, 11, 3)), np.ones((8, 8, 1)))[:64, :80]
-        Image.fromarray((smooth * 255).astype(np.uint8)).save(val / f"im{i}.png")
+    val = smooth_pictures(tmp_path / "val", 2, (64, 80))
     weights = tmp_path / "weights"
     weights.mkdir()
     (weights / "MODEL_CARD.md").write_text(CARD)
