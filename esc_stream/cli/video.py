@@ -84,7 +84,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_transcode(args: argparse.Namespace) -> int:
-    from ..video.encode import check_output_path, output_format
+    from ..video.encode import check_output_path, choose_codec, metadata_warnings, output_format
     from ..video.probe import is_live, probe
     from ..video.transcode import output_geometry, transcode
 
@@ -92,10 +92,13 @@ def cmd_transcode(args: argparse.Namespace) -> int:
     src, dst = (args.input if live else Path(args.input)), Path(args.output)
     # everything about the input and output is checked before the model loads
     check_output_path(src, dst, args.overwrite)
-    output_format(dst)
+    fmt = output_format(dst)
     info = None if live else probe(src)
     # a fractional --scale needs the input's size, known once it has been probed
     opts = transcode_options(args, requested_size(args, None if info is None else (info.width, info.height), True))
+    if info is not None:
+        for line in metadata_warnings(info, choose_codec(info, opts, fmt)):
+            print(f"warning: {line}", file=sys.stderr)
     if args.ray is not None:  # segments as Ray tasks; Ray is imported on this path only
         from .scaleout import transcode_on_ray
 

@@ -34,11 +34,11 @@ import numpy as np
 from ..errors import VideoError
 from ..video.colour import frame_to_rgb
 from ..video.encode import (
-    DEFAULT_CODEC,
     FrameSink,
     PacketCopy,
     add_copied_streams,
     check_output_path,
+    choose_codec,
     copy_metadata,
     finalize,
     open_encoder,
@@ -483,7 +483,7 @@ def check_request(
     if segment_seconds <= 0:
         raise VideoError("the segment length must be > 0 seconds")
     info = probe(src)
-    opts = replace(opts, codec=opts.codec or DEFAULT_CODEC.get(fmt, "libx264"))
+    opts = replace(opts, codec=choose_codec(info, opts, fmt))
     scale = replace(model, device="cpu").load().scale  # the head may have no GPU; CPU loading checks the weights
     check_encoder(info, scale, opts, fmt)
     return info, opts, fmt, scale

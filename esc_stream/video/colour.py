@@ -6,8 +6,11 @@ the conversion back uses the same matrix and range, and the output is tagged lik
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import av
 import numpy as np
@@ -85,6 +88,95 @@ class Colour:
             f"transfer {_TRC_NAMES.get(self.transfer, self.transfer)}, "
             f"range {_RANGE_NAMES.get(self.range, self.range)}, {self.bits}-bit"
         )
+
+
+# transfer characteristics of HDR video: SMPTE ST 2084 (PQ) and ARIB STD-B67 (HLG)
+HDR_TRANSFERS = {16: "PQ", 18: "HLG"}
+# frame side data that holds dynamic HDR metadata no encoder here can write back: name -> what it is
+DYNAMIC_HDR = {"DYNAMIC_HDR_PLUS": "HDR10+ dynamic metadata", "DOVI_RPU_BUFFER": "Dolby Vision RPU",
+               "DOVI_METADATA": "Dolby Vision metadata", "DYNAMIC_HDR_VIVID": "HDR Vivid dynamic metadata"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HdrMetadata:
+    """HDR10 static metadata: the mastering display colour volume (SMPTE ST 2086) and the content light level.
+
+    Chromaticities are CIE 1931 xy as fractions (red, green, blue, white point), luminances in cd/m²;
+    `max_cll`/`max_fall` in cd/m². A part the source does not carry is None.
+    """
+
+    primaries: tuple[tuple[Fraction, Fraction], ...] | None = None  # (R, G, B) xy
+    white: tuple[Fraction, Fraction] | None = None
+    min_luminance: Fraction | None = None
+    max_luminance: Fraction | None = None
+    max_cll: int | None = None
+    max_fall: int | None = None
+
+    @property
+    def has_mastering(self) -> bool:
+        return self.primaries is not None and self.white is not None
+
+    @property
+    def has_light_level(self) -> bool:
+        return self.max_cll is not None
+
+    @classmethod
+    def from_side_data(cls, side_data: Mapping[Any, Any]) -> HdrMetadata | None:
+        """Parse frame/stream side data (keys: PyAV side-data types or their names; values: the raw FFmpeg
+        structs AVMasteringDisplayMetadata and AVContentLightMetadata). None when neither is there."""
+        by_name = {getattr(k, "name", str(k)).upper(): v for k, v in side_data.items()}
+        fields: dict[str, Any] = {}
+        mdcv = by_name.get("MASTERING_DISPLAY_METADATA")
+        if mdcv is not None:
+            raw = bytes(mdcv)
+            if len(raw) >= 88:
+                v = struct.unpack("<20i2i", raw[:88])
+                q = [Fraction(v[2 * i], v[2 * i + 1]) if v[2 * i + 1] else Fraction(0) for i in range(10)]
+                has_primaries, has_luminance = v[20], v[21]
+                if has_primaries:
+                    fields["primaries"] = ((q[0], q[1]), (q[2], q[3]), (q[4], q[5]))
+                    fields["white"] = (q[6], q[7])
+                if has_luminance:
+                    fields["min_luminance"], fields["max_luminance"] = q[8], q[9]
+        cll = by_name.get("CONTENT_LIGHT_LEVEL")
+        if cll is not None:
+            raw = bytes(cll)
+            if len(raw) >= 8:
+                fields["max_cll"], fields["max_fall"] = struct.unpack("<2I", raw[:8])
+        return cls(**fields) if fields else None
+
+    def x265_params(self) -> dict[str, str]:
+        """The libx265 parameters that write this metadata as SEI (master-display in 0.00002 xy units and
+        0.0001 cd/m²; max-cll as MaxCLL,MaxFALL)."""
+        params: dict[str, str] = {}
+        if self.has_mastering and self.max_luminance is not None:
+            assert self.primaries is not None and self.white is not None
+            (rx, ry), (gx, gy), (bx, by) = self.primaries
+
+            def xy(x: Fraction, y: Fraction) -> str:
+                return f"({round(x * 50000)},{round(y * 50000)})"
+
+            lo = round((self.min_luminance or 0) * 10000)
+            params["master-display"] = (f"G{xy(gx, gy)}B{xy(bx, by)}R{xy(rx, ry)}WP{xy(*self.white)}"
+                                        f"L({round(self.max_luminance * 10000)},{lo})")  # fmt: skip
+        if self.has_light_level:
+            params["max-cll"] = f"{self.max_cll},{self.max_fall or 0}"
+        return params
+
+    def describe(self) -> str:
+        parts = []
+        if self.has_mastering:
+            assert self.primaries is not None and self.white is not None
+            pairs = zip(("R", "G", "B"), self.primaries, strict=True)
+            xy = " ".join(f"{n}({float(x):.4f},{float(y):.4f})" for n, (x, y) in pairs)
+            wp = f"WP({float(self.white[0]):.4f},{float(self.white[1]):.4f})"
+            lum = ""
+            if self.max_luminance is not None:
+                lum = f" L {float(self.min_luminance or 0):.4f}-{float(self.max_luminance):g} cd/m²"
+            parts.append(f"mastering display {xy} {wp}{lum}")
+        if self.has_light_level:
+            parts.append(f"MaxCLL {self.max_cll} cd/m², MaxFALL {self.max_fall or 0} cd/m²")
+        return "; ".join(parts)
 
 
 def pixel_bits(pix_fmt: str) -> int:

@@ -27,7 +27,7 @@ import av
 import numpy as np
 
 from ..errors import VideoError
-from .colour import Colour, pixel_bits, rgb_to_frame, target_size
+from .colour import HDR_TRANSFERS, Colour, pixel_bits, rgb_to_frame, target_size
 from .probe import VideoInfo, is_live, open_input
 
 # output container by file extension (the .partial name hides it from FFmpeg's own guess)
@@ -50,6 +50,10 @@ SCHEME_FORMATS = {"tcp": "mpegts", "udp": "mpegts", "srt": "mpegts", "rtp": "rtp
 RESUMABLE = {"matroska", "webm"}
 # the encoder a container gets when none is asked for (else libx264)
 DEFAULT_CODEC = {"webm": "libvpx-vp9", "avi": "mpeg4", "nut": "ffv1", "yuv4mpegpipe": "rawvideo"}
+# containers that take HEVC: a 10-bit PQ/HLG source is written there as 10-bit HEVC with its HDR10 metadata
+HEVC_CONTAINERS = {"mp4", "mov", "matroska", "mpegts"}
+# encoders that write HDR10 static metadata (mastering display, content light level) from our options
+HDR10_ENCODERS = {"libx265"}
 
 
 class EncoderChoices(Protocol):
@@ -92,6 +96,33 @@ def check_output_path(src: Path | str, dst: Path, overwrite: bool) -> None:
         raise VideoError(f"{dst}: already exists (use --overwrite to replace it)")
 
 
+def is_hdr(info: VideoInfo) -> bool:
+    """A source deeper than 8 bits with an HDR transfer (PQ or HLG)."""
+    return info.colour.deep and info.colour.transfer in HDR_TRANSFERS
+
+
+def choose_codec(info: VideoInfo, opts: EncoderChoices, fmt: str) -> str:
+    """The encoder asked for, else the container's default; a 10-bit PQ/HLG source stays HDR (10-bit HEVC)
+    where the container takes HEVC."""
+    if opts.codec:
+        return opts.codec
+    if is_hdr(info) and fmt in HEVC_CONTAINERS and "libx265" in av.codecs_available:
+        return "libx265"
+    return DEFAULT_CODEC.get(fmt, "libx264")
+
+
+def metadata_warnings(info: VideoInfo, codec: str) -> list[str]:
+    """One line for each kind of source metadata that the output will not carry (empty when all is kept)."""
+    lines = []
+    if info.dynamic_hdr:
+        lines.append(f"{info.path}: {', '.join(info.dynamic_hdr)} cannot be carried over and is dropped "
+                     "(the output keeps HDR10 static metadata only)")  # fmt: skip
+    if info.hdr is not None and codec not in HDR10_ENCODERS:
+        lines.append(f"{info.path}: the HDR10 mastering-display/content-light-level metadata is dropped: {codec} "
+                     "cannot write it (use -c:v libx265)")  # fmt: skip
+    return lines
+
+
 def default_pix_fmt(info: VideoInfo, codec: str) -> str:
     """Follow the source: same chroma subsampling, 8-bit stays 8-bit, deeper becomes 10-bit."""
     codec_formats = [f.name for f in (av.codec.Codec(codec, "w").video_formats or [])]
@@ -114,12 +145,29 @@ def output_geometry(info: VideoInfo, scale: int, opts: EncoderChoices) -> tuple[
     return info.width * scale, info.height * scale, info.sar
 
 
-def _quality_options(codec: str, opts: EncoderChoices) -> dict[str, str]:
+def _x265_params(info: VideoInfo, options: dict[str, str]) -> str:
+    """x265-params: the user's, plus the source's HDR10 metadata (unless given) and quiet logging."""
+    given: dict[str, str] = {}
+    for kv in options.get("x265-params", "").split(":"):
+        if kv:
+            key, _, value = kv.partition("=")
+            given[key] = value if _ else "1"
+    given.setdefault("log-level", "error")
+    if info.hdr is not None:
+        for k, v in info.hdr.x265_params().items():
+            given.setdefault(k, v)
+        given.setdefault("hdr10", "1")
+    return ":".join(f"{k}={v}" for k, v in given.items())
+
+
+def _quality_options(codec: str, opts: EncoderChoices, info: VideoInfo | None = None) -> dict[str, str]:
     """The user's -e options, plus each codec's quality defaults where the user left them out."""
     options = dict(opts.encoder_options)
     if codec in ("libx264", "libx265"):
         options.setdefault("crf", str(opts.crf if opts.crf is not None else 18))
         options.setdefault("preset", opts.preset or "medium")
+        if codec == "libx265" and info is not None:
+            options["x265-params"] = _x265_params(info, options)
     elif codec in ("libvpx-vp9", "libsvtav1", "libaom-av1"):
         options.setdefault("crf", str(opts.crf if opts.crf is not None else 30))
         if codec == "libvpx-vp9":
@@ -133,7 +181,7 @@ def open_encoder(
     out: av.container.OutputContainer, info: VideoInfo, scale: int, opts: EncoderChoices, fmt: str
 ) -> av.video.stream.VideoStream:
     """Add the video stream to `out` and open its encoder, declared like the source; VideoError if refused."""
-    codec = opts.codec or DEFAULT_CODEC.get(fmt, "libx264")
+    codec = choose_codec(info, opts, fmt)
     if codec not in av.codecs_available:
         raise VideoError(f"-c:v {codec}: no such encoder in this FFmpeg build")
     pix_fmt = opts.pix_fmt or default_pix_fmt(info, codec)
@@ -153,7 +201,9 @@ def open_encoder(
     cc.colorspace, cc.color_primaries, cc.color_trc = c.matrix, c.primaries, c.transfer
     if sar and sar.numerator:
         cc.sample_aspect_ratio = sar
-    cc.options = _quality_options(codec, opts)
+    if codec == "libx265" and fmt in ("mp4", "mov"):
+        cc.codec_tag = "hvc1"  # the tag Apple players require for HEVC
+    cc.options = _quality_options(codec, opts, info)
     try:
         cc.open()
     except (av.error.FFmpegError, ValueError) as exc:

@@ -11,7 +11,7 @@ from typing import Any
 import av
 
 from ..errors import VideoError
-from .colour import Colour, pixel_bits
+from .colour import DYNAMIC_HDR, Colour, HdrMetadata, pixel_bits
 
 __all__ = ["VideoError", "VideoInfo", "check_pixel_format", "is_live", "open_input", "probe", "probe_container"]
 
@@ -38,6 +38,8 @@ class VideoInfo:
     subtitles: list[str] = field(default_factory=list)
     other: list[str] = field(default_factory=list)
     sar: Fraction | None = None
+    hdr: HdrMetadata | None = None  # HDR10 static metadata (mastering display, content light level)
+    dynamic_hdr: list[str] = field(default_factory=list)  # dynamic HDR metadata found (HDR10+, Dolby Vision)
 
     def describe(self) -> str:
         rate = f"{float(self.average_rate):.3f} fps" if self.average_rate else "unknown rate"
@@ -50,6 +52,10 @@ class VideoInfo:
             f"  video: {self.codec} {self.width}x{self.height} {self.pix_fmt}, {rate}, {mode}, {count}",
             f"  colour: {self.colour.describe()}",
         ]
+        if self.hdr is not None:
+            lines.append(f"  hdr10: {self.hdr.describe()} (carried over)")
+        if self.dynamic_hdr:
+            lines.append(f"  dynamic hdr: {', '.join(self.dynamic_hdr)} (not carried)")
         if self.rotation:
             lines.append(f"  rotation: {self.rotation} degrees (display matrix, carried over)")
         lines += [f"  audio: {a} (copied)" for a in self.audio]
@@ -112,16 +118,29 @@ def _stream_label(s: av.stream.Stream) -> str:
     return f"#{s.index} {name}{extra}{' [' + lang + ']' if lang else ''}"
 
 
-def _rotation(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
-    """Display rotation (degrees counter-clockwise) from the first frame's display matrix, 0 if none."""
+def _first_frame(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> tuple[int, HdrMetadata | None, list[str]]:
+    """What only a decoded frame tells: display rotation (degrees counter-clockwise, from the display matrix),
+    HDR10 static metadata and the dynamic HDR metadata present (frame side data, or the decoder's stream-wide
+    side data)."""
+    rotation, hdr, dynamic = 0, None, []
     try:
         for frame in container.decode(stream):
-            return int(round(frame.rotation or 0)) % 360
+            rotation = int(round(frame.rotation or 0)) % 360
+            side: dict[str, Any] = {getattr(k, "name", str(k)).upper(): frame.side_data[k] for k in frame.side_data}
+            for k, v in stream.codec_context.decoded_side_data.items():
+                side.setdefault(getattr(k, "name", str(k)).upper(), v)
+            hdr = HdrMetadata.from_side_data(side)
+            dynamic = [label for name, label in DYNAMIC_HDR.items() if name in side]
+            break
     except (av.error.FFmpegError, AttributeError):
-        return 0
+        pass
     finally:
         container.seek(0)
-    return 0
+    if "dovi_conf" in {str(k) for k in stream.codec_context.coded_side_data} and "Dolby Vision RPU" not in dynamic:
+        dynamic.append("Dolby Vision configuration")
+    return rotation, hdr, dynamic
 
 
 def _fraction(value: Any) -> Fraction | None:
@@ -147,7 +166,7 @@ def probe(path: str | Path) -> VideoInfo:
 
 def probe_container(c: av.container.InputContainer, path: str | Path, *, seekable: bool = True) -> VideoInfo:
     """Describe an open input; `seekable=False` (pipes, live URLs) reads nothing beyond what FFmpeg probed,
-    so the display rotation, which needs a decoded frame and a seek back, is left at 0."""
+    so the display rotation and HDR metadata, which need a decoded frame and a seek back, are left unset."""
     if not c.streams.video:
         raise VideoError(f"{path}: has no video stream")
     vs = c.streams.video[0]
@@ -186,9 +205,10 @@ def probe_container(c: av.container.InputContainer, path: str | Path, *, seekabl
         duration=duration,
         colour=colour,
         variable_rate=vfr,
-        rotation=_rotation(c, vs) if seekable else 0,
         sar=_fraction(cc.sample_aspect_ratio),
     )
+    if seekable:
+        info.rotation, info.hdr, info.dynamic_hdr = _first_frame(c, vs)
     for s in c.streams:
         if s is vs:
             continue

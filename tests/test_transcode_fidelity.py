@@ -1,0 +1,130 @@
+"""Output that comes out as it went in: HDR10 metadata, full-quality defaults per container, colour tags.
+
+Clips are built here with PyAV; outputs are checked with PyAV's own probe and, for the picture, as PSNR of the
+decoded output against the upscaler's own output on the same decoded source frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import esc_stream
+from esc_stream.checkpoints import save_checkpoint
+from esc_stream.models import create_model
+from esc_stream.video.colour import HdrMetadata, frame_to_rgb
+from esc_stream.video.probe import probe
+from esc_stream.video.transcode import transcode
+
+MASTER = "G(13250,34500)B(7500,3000)R(34000,16000)WP(15635,16450)L(10000000,1)"
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    """A seeded x2 ESC whose output is the nearest-neighbour upscale (to_img zeroed): fast and deterministic."""
+    torch.manual_seed(0)
+    m = create_model("esc_small", 2)
+    with torch.no_grad():
+        m.to_img.weight.zero_()
+        m.to_img.bias.zero_()
+    path = tmp_path_factory.mktemp("weights") / "nearest_x2.pth"
+    save_checkpoint(path, m)
+    return esc_stream.load(path)
+
+
+def _pictures(n: int, w: int = 64, h: int = 48, deep: bool = False) -> list[np.ndarray]:
+    """Smooth moving gradients with a little texture: compressible like camera footage."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(n):
+        base = np.stack([0.5 + 0.4 * np.sin((xx + 3 * i) / 9 + c) * np.cos(yy / 7 - c) for c in range(3)], -1)
+        pic = np.clip(base + 0.03 * rng.standard_normal(base.shape), 0, 1)
+        out.append((pic * (65535 if deep else 255)).round().astype(np.uint16 if deep else np.uint8))
+    return out
+
+
+def _encode(path: Path, pictures: list[np.ndarray], codec: str, pix_fmt: str, *, fmt: str | None = None,
+            tags: dict | None = None, options: dict | None = None, full_range: bool = False) -> Path:  # fmt: skip
+    with av.open(str(path), "w", format=fmt) as out:
+        vs = out.add_stream(codec, rate=25)
+        vs.width, vs.height, vs.pix_fmt = pictures[0].shape[1], pictures[0].shape[0], pix_fmt
+        for k, v in (tags or {}).items():
+            setattr(vs.codec_context, k, v)
+        vs.codec_context.options = options or {}
+        matrix = {9: 9, 1: 1}.get((tags or {}).get("colorspace", 5), 5)
+        for i, rgb in enumerate(pictures):
+            f = av.VideoFrame.from_ndarray(rgb, format="rgb48le" if rgb.dtype == np.uint16 else "rgb24")
+            f = f.reformat(format=pix_fmt, dst_colorspace=matrix, dst_color_range=2 if full_range else 1)
+            f.pts = i
+            for p in vs.encode(f):
+                out.mux(p)
+        for p in vs.encode(None):
+            out.mux(p)
+    return path
+
+
+def _rgb(path: Path) -> list[np.ndarray]:
+    """Decoded frames as RGB, converted with the colour description probe reads from the file."""
+    colour = probe(path).colour
+    with av.open(str(path)) as c:
+        return [frame_to_rgb(f, colour) for f in c.decode(video=0)]
+
+
+def _psnr_to_model(up, src: Path, dst: Path) -> float:
+    """PSNR of the decoded output against the upscaler's output on the same decoded source frames."""
+    ref = np.stack([up(f) for f in _rgb(src)]).astype(np.float64)
+    got = np.stack(_rgb(dst)).astype(np.float64)
+    assert ref.shape == got.shape
+    peak = 65535.0 if ref.max() > 255 else 255.0
+    mse = float(np.mean((ref - got) ** 2))
+    return 10 * np.log10(peak**2 / max(mse, 1e-12))
+
+
+def _first_frame_side_data(path: Path) -> dict:
+    with av.open(str(path)) as c:
+        f = next(c.decode(video=0))
+        return {k.name: f.side_data[k] for k in f.side_data}
+
+
+def test_hdr10_source_stays_hdr10_with_its_metadata(tmp_path, up):
+    params = f"log-level=error:hdr10=1:master-display={MASTER}:max-cll=1000,400"
+    tags = {"color_primaries": 9, "color_trc": 16, "colorspace": 9, "color_range": 1}
+    src = _encode(tmp_path / "hdr.mkv", _pictures(3, deep=True), "libx265", "yuv420p10le", tags=tags,
+                  options={"x265-params": params, "crf": "8", "preset": "ultrafast"})  # fmt: skip
+    info = probe(src)
+    assert info.hdr is not None and info.hdr.max_cll == 1000 and info.hdr.max_fall == 400
+    assert info.hdr.max_luminance == 1000 and info.hdr.min_luminance == Fraction(1, 10000)
+    for ext in (".mp4", ".mkv"):
+        dst = tmp_path / f"out{ext}"
+        transcode(src, dst, up)  # default encoder: the source is 10-bit PQ
+        with av.open(str(dst)) as c:
+            cc = c.streams.video[0].codec_context
+            assert cc.name == "hevc" and cc.pix_fmt == "yuv420p10le"
+            assert ext == ".mkv" or cc.codec_tag == "hvc1"
+            assert (cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range) == (9, 16, 9, 1)
+        out = HdrMetadata.from_side_data(_first_frame_side_data(dst))
+        assert out == info.hdr, ext
+        assert _psnr_to_model(up, src, dst) > 34
+    probe_text = probe(dst).describe()
+    assert "MaxCLL 1000" in probe_text and "WP(0.3127,0.3290)" in probe_text
+
+
+def test_hdr10_metadata_an_encoder_cannot_write_is_named(tmp_path, up):
+    from esc_stream.video.encode import metadata_warnings
+
+    tags = {"color_primaries": 9, "color_trc": 16, "colorspace": 9}
+    src = _encode(tmp_path / "hdr.mkv", _pictures(2, deep=True), "libx265", "yuv420p10le", tags=tags,
+                  options={"x265-params": f"log-level=error:master-display={MASTER}:max-cll=500,100"})  # fmt: skip
+    info = probe(src)
+    assert metadata_warnings(info, "libx265") == []
+    (line,) = metadata_warnings(info, "libx264")
+    assert "mastering-display" in line and "libx264" in line
+    (line,) = metadata_warnings(replace(info, dynamic_hdr=["HDR10+ dynamic metadata"]), "libx265")
+    assert "HDR10+ dynamic metadata" in line and "dropped" in line
