@@ -95,7 +95,10 @@ def test_namespace_exists_in_a_fresh_process_without_loadplugin(core):
     code = "import vapoursynth as vs; print(vs.core.esc.Upscale.signature)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    sig = "clip:vnode;scale:int:opt;weights:data:opt;tile:int:opt;overlap:int:opt;device:data:opt;num_streams:int:opt;"
+    sig = (
+        "clip:vnode;scale:int:opt;weights:data:opt;model:data:opt;tile:int:opt;overlap:int:opt;device:data:opt;"
+        "num_streams:int:opt;"
+    )
     assert done.stdout.startswith(sig)
 
 
