@@ -20,7 +20,7 @@ from esc_stream.checkpoints import save_checkpoint
 from esc_stream.models import create_model
 from esc_stream.video.colour import HdrMetadata, frame_to_rgb
 from esc_stream.video.probe import probe
-from esc_stream.video.transcode import transcode
+from esc_stream.video.transcode import TranscodeOptions, transcode
 
 MASTER = "G(13250,34500)B(7500,3000)R(34000,16000)WP(15635,16450)L(10000000,1)"
 
@@ -62,6 +62,8 @@ def _encode(path: Path, pictures: list[np.ndarray], codec: str, pix_fmt: str, *,
         for i, rgb in enumerate(pictures):
             f = av.VideoFrame.from_ndarray(rgb, format="rgb48le" if rgb.dtype == np.uint16 else "rgb24")
             f = f.reformat(format=pix_fmt, dst_colorspace=matrix, dst_color_range=2 if full_range else 1)
+            f.colorspace = (tags or {}).get("colorspace", 2)  # the frame says only what the stream says
+            f.color_range = (tags or {}).get("color_range", 0)
             f.pts = i
             for p in vs.encode(f):
                 out.mux(p)
@@ -128,3 +130,57 @@ def test_hdr10_metadata_an_encoder_cannot_write_is_named(tmp_path, up):
     assert "mastering-display" in line and "libx264" in line
     (line,) = metadata_warnings(replace(info, dynamic_hdr=["HDR10+ dynamic metadata"]), "libx265")
     assert "HDR10+ dynamic metadata" in line and "dropped" in line
+
+
+@pytest.mark.parametrize(
+    "ext, codec, out_range",
+    [(".avi", None, 2), (".avi", "mpeg4", 1), (".nut", None, 1), (".mp4", None, 2)],
+)  # mpeg4 in AVI and FFV1 in NUT cannot say "full range": converted to limited, which a player assumes
+def test_full_range_mjpeg_avi_at_full_quality_in_every_container(tmp_path, up, ext, codec, out_range):
+    src = _encode(tmp_path / "mjpeg.avi", _pictures(4), "mjpeg", "yuvj420p", full_range=True,
+                  options={"qscale": "2"}, tags={"color_range": 2})  # fmt: skip
+    assert probe(src).colour.full_range
+    dst = tmp_path / f"out{ext}"
+    transcode(src, dst, up, TranscodeOptions(codec=codec))
+    with av.open(str(dst)) as c:
+        cc = c.streams.video[0].codec_context
+        assert (cc.color_range or 1) == out_range
+        if codec is None and ext == ".avi":
+            assert cc.name == "h264"
+    assert probe(dst).colour.full_range == (out_range == 2)
+    assert _psnr_to_model(up, src, dst) >= 34
+
+
+def test_prores_422_10bit_mov_with_a_range_only_tag_keeps_its_range(tmp_path, up):
+    src = _encode(tmp_path / "prores.mov", _pictures(3, deep=True), "prores_ks", "yuv422p10le",
+                  tags={"color_range": 1}, options={"profile": "3"})  # fmt: skip
+    info = probe(src)
+    assert (info.colour.range, info.colour.matrix, info.colour.primaries, info.colour.transfer) == (1, 2, 2, 2)
+    assert "assuming bt601" in info.describe()
+    for ext in (".mov", ".mp4", ".mkv"):
+        dst = tmp_path / f"out{ext}"
+        transcode(src, dst, up)
+        with av.open(str(dst)) as c:
+            cc = c.streams.video[0].codec_context
+            assert cc.pix_fmt == "yuv422p10le"
+            # range kept; the matrix the source was decoded with (BT.601 for SD, as probe said) is now written
+            assert (cc.color_range, cc.colorspace, cc.color_primaries, cc.color_trc) == (1, 6, 2, 2), ext
+        assert _psnr_to_model(up, src, dst) >= 34
+
+
+@pytest.mark.parametrize(
+    "tags, expect",
+    [({"colorspace": 1}, (1, 2, 2, 1)), ({"color_primaries": 9}, (6, 9, 2, 1)), ({"color_trc": 13}, (6, 2, 13, 1)),
+     ({}, (6, 2, 2, 1))],
+)  # fmt: skip
+def test_partial_colour_tags_are_kept_and_untagged_gets_what_was_assumed(tmp_path, up, tags, expect):
+    src = _encode(tmp_path / "in.mkv", _pictures(2), "libx264", "yuv420p", tags=tags,
+                  options={"crf": "10", "preset": "ultrafast"})  # fmt: skip
+    for key, value in tags.items():
+        assert getattr(probe(src).colour, {"colorspace": "matrix", "color_primaries": "primaries",
+                                           "color_trc": "transfer"}[key]) == value  # fmt: skip
+    dst = tmp_path / "out.mp4"
+    transcode(src, dst, up)
+    with av.open(str(dst)) as c:
+        cc = c.streams.video[0].codec_context
+        assert (cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range) == expect

@@ -49,11 +49,21 @@ SCHEME_FORMATS = {"tcp": "mpegts", "udp": "mpegts", "srt": "mpegts", "rtp": "rtp
 # containers whose partial file a resumed run continues (MP4 muxers move track starts)
 RESUMABLE = {"matroska", "webm"}
 # the encoder a container gets when none is asked for (else libx264)
-DEFAULT_CODEC = {"webm": "libvpx-vp9", "avi": "mpeg4", "nut": "ffv1", "yuv4mpegpipe": "rawvideo"}
+DEFAULT_CODEC = {"webm": "libvpx-vp9", "nut": "ffv1", "yuv4mpegpipe": "rawvideo"}
 # containers that take HEVC: a 10-bit PQ/HLG source is written there as 10-bit HEVC with its HDR10 metadata
 HEVC_CONTAINERS = {"mp4", "mov", "matroska", "mpegts"}
 # encoders that write HDR10 static metadata (mastering display, content light level) from our options
 HDR10_ENCODERS = {"libx265"}
+# where the colour tags of an output live: encoders whose bitstream signals matrix and range (H.264/HEVC VUI,
+# VP9/AV1 headers), and containers that hold them for any codec (Matroska's Colour element, y4m's range)
+TAGGING_CODECS = {"libx264", "libx264rgb", "libx265", "libvpx-vp9", "libaom-av1", "libsvtav1", "librav1e",
+                  "h264_nvenc", "hevc_nvenc", "av1_nvenc", "h264_qsv", "hevc_qsv", "h264_vaapi",
+                  "hevc_vaapi"}  # fmt: skip
+RANGE_CONTAINERS = {"matroska", "webm", "yuv4mpegpipe"}
+MATRIX_CONTAINERS = {"matroska", "webm"}
+# encoders whose FFmpeg default is a low bitrate (200 kb/s): run at a constant quantiser instead
+QUANTISER_CODECS = {"mpeg4", "mpeg2video", "mpeg1video", "msmpeg4v3", "mjpeg"}
+MATRIX_CODECS = {"prores_ks", "prores", "prores_aw", "mpeg2video", "dnxhd"}  # their headers carry the matrix
 
 
 class EncoderChoices(Protocol):
@@ -123,6 +133,26 @@ def metadata_warnings(info: VideoInfo, codec: str) -> list[str]:
     return lines
 
 
+def output_colour(info: VideoInfo, codec: str, fmt: str) -> Colour:
+    """The colour description the output is converted with and tagged with.
+
+    Whatever the source tags (range, matrix, primaries, transfer, any subset) is kept. An untagged matrix or
+    range is written as what was assumed when decoding it (`probe` says which). Where neither the encoder nor
+    the container can say the range or matrix (mpeg4 in AVI, FFV1 in NUT), the output is converted to what a
+    player assumes of an untagged stream: limited range, and BT.709 for HD or BT.601 for SD (of the output size).
+    """
+    c = info.colour
+    matrix = c.matrix if c.matrix != 2 else (1 if c.sws_matrix == 1 else 6)
+    rng = c.range if c.range else 1
+    if codec == "mjpeg":  # JPEG's YCbCr: full range, BT.601
+        return replace(c, matrix=5, range=2)
+    if codec not in TAGGING_CODECS and fmt not in RANGE_CONTAINERS:
+        rng = 1
+    if codec not in TAGGING_CODECS | MATRIX_CODECS and fmt not in MATRIX_CONTAINERS:
+        matrix = 2
+    return replace(c, matrix=matrix, range=rng)
+
+
 def default_pix_fmt(info: VideoInfo, codec: str) -> str:
     """Follow the source: same chroma subsampling, 8-bit stays 8-bit, deeper becomes 10-bit."""
     codec_formats = [f.name for f in (av.codec.Codec(codec, "w").video_formats or [])]
@@ -174,6 +204,13 @@ def _quality_options(codec: str, opts: EncoderChoices, info: VideoInfo | None = 
             options.setdefault("b", "0")
         if opts.preset and codec == "libsvtav1":
             options.setdefault("preset", opts.preset)
+    elif codec in QUANTISER_CODECS and not {"b", "qscale", "global_quality"} & set(options):
+        # FFmpeg's default for these is a low bitrate (200 kb/s): use a constant quantiser, -q:v 2 (--crf N: -q:v N)
+        q = opts.crf if opts.crf is not None else 2
+        if not 1 <= q <= 31:
+            raise VideoError(f"--crf {q}: {codec} takes a quantiser from 1 (best) to 31")
+        options.setdefault("flags", "+qscale")
+        options.setdefault("global_quality", str(q * 118))  # FF_QP2LAMBDA
     return options
 
 
@@ -196,8 +233,8 @@ def open_encoder(
     stream.time_base = info.time_base
     cc = stream.codec_context
     cc.time_base = info.time_base
-    c = info.colour
-    cc.color_range = c.range if c.range else 1
+    c = output_colour(info, codec, fmt)
+    cc.color_range = c.range
     cc.colorspace, cc.color_primaries, cc.color_trc = c.matrix, c.primaries, c.transfer
     if sar and sar.numerator:
         cc.sample_aspect_ratio = sar
@@ -216,9 +253,9 @@ def open_encoder(
 class FrameSink:
     """Upscaled RGB frames -> the encoder of `stream` -> the muxer of `out`.
 
-    Frames are converted with the source's colour description at the encoder's bit depth and resampled to the
-    encoder's size when they differ from it. Presentation timestamps (in `time_base`) must increase for the
-    encoder to accept a frame, so a repeated or backwards one becomes the previous one + 1.
+    Frames are converted with the output's colour description (matrix, range) at the encoder's bit depth and
+    resampled to the encoder's size when they differ from it. Presentation timestamps (in `time_base`) must
+    increase for the encoder to accept a frame, so a repeated or backwards one becomes the previous one + 1.
     """
 
     def __init__(
@@ -233,7 +270,9 @@ class FrameSink:
         cc = stream.codec_context
         self.pix_fmt = cc.pix_fmt or "yuv420p"
         self.size = (cc.width, cc.height)
-        self.colour = replace(colour, bits=pixel_bits(self.pix_fmt), height=colour.height * scale)
+        # the encoder was declared with the output's colour (output_colour): convert to exactly that
+        bits, height = pixel_bits(self.pix_fmt), cc.height or colour.height * scale
+        self.colour = replace(colour, matrix=int(cc.colorspace), range=int(cc.color_range), bits=bits, height=height)
         self.last_pts: int | None = None
         self.frames = 0
 
