@@ -86,7 +86,8 @@ class Colour:
             f"matrix {_MATRIX_NAMES.get(self.matrix, self.matrix)}{guessed}, "
             f"primaries {_PRIMARIES_NAMES.get(self.primaries, self.primaries)}, "
             f"transfer {_TRC_NAMES.get(self.transfer, self.transfer)}, "
-            f"range {_RANGE_NAMES.get(self.range, self.range)}, {self.bits}-bit"
+            f"range {_RANGE_NAMES.get(self.range, self.range)}{' (assuming limited)' if not self.range else ''}, "
+            f"{self.bits}-bit"
         )
 
 

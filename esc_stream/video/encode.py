@@ -17,6 +17,7 @@ segments. So the choices an output makes live in one place:
 from __future__ import annotations
 
 import heapq
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from fractions import Fraction
@@ -102,6 +103,10 @@ def check_output_path(src: Path | str, dst: Path, overwrite: bool) -> None:
         raise VideoError(f"{dst}: output would overwrite the input")
     if not dst.parent.exists():
         raise VideoError(f"{dst}: folder {dst.parent} does not exist")
+    if dst.is_dir():
+        raise VideoError(f"{dst}: is a folder; give an output file name")
+    if not os.access(dst.parent, os.W_OK):
+        raise VideoError(f"{dst}: folder {dst.parent} is not writable")
     if dst.exists() and not overwrite:
         raise VideoError(f"{dst}: already exists (use --overwrite to replace it)")
 
@@ -165,6 +170,17 @@ def default_pix_fmt(info: VideoInfo, codec: str) -> str:
     return codec_formats[0]
 
 
+def check_pix_fmt(codec: str, pix_fmt: str) -> None:
+    """VideoError unless `pix_fmt` is a pixel format the encoder `codec` takes (naming those it does)."""
+    try:
+        av.VideoFormat(pix_fmt)
+    except (ValueError, TypeError):
+        raise VideoError(f"--pix-fmt {pix_fmt}: no such pixel format (e.g. yuv420p, yuv422p10le, yuv444p)") from None
+    formats = [f.name for f in (av.codec.Codec(codec, "w").video_formats or [])]
+    if formats and pix_fmt not in formats:
+        raise VideoError(f"--pix-fmt {pix_fmt}: {codec} does not take it; it takes {' '.join(formats)}")
+
+
 def output_geometry(info: VideoInfo, scale: int, opts: EncoderChoices) -> tuple[int, int, Fraction | None]:
     """(width, height, sample aspect) of the output: the model's scale, or the requested size."""
     if opts.size:
@@ -190,9 +206,18 @@ def _x265_params(info: VideoInfo, options: dict[str, str]) -> str:
     return ":".join(f"{k}={v}" for k, v in given.items())
 
 
+# --crf: each encoder's range (outside it, encoders clamp silently)
+CRF_RANGE = {"libx264": (0, 51), "libx265": (0, 51), "libvpx-vp9": (0, 63), "libaom-av1": (0, 63),
+             "libsvtav1": (1, 63)}  # fmt: skip
+
+
 def _quality_options(codec: str, opts: EncoderChoices, info: VideoInfo | None = None) -> dict[str, str]:
     """The user's -e options, plus each codec's quality defaults where the user left them out."""
     options = dict(opts.encoder_options)
+    if opts.crf is not None and codec in CRF_RANGE:
+        lo, hi = CRF_RANGE[codec]
+        if not lo <= opts.crf <= hi:
+            raise VideoError(f"--crf {opts.crf}: {codec} takes {lo} (best) to {hi}")
     if codec in ("libx264", "libx265"):
         options.setdefault("crf", str(opts.crf if opts.crf is not None else 18))
         options.setdefault("preset", opts.preset or "medium")
@@ -222,6 +247,7 @@ def open_encoder(
     if codec not in av.codecs_available:
         raise VideoError(f"-c:v {codec}: no such encoder in this FFmpeg build")
     pix_fmt = opts.pix_fmt or default_pix_fmt(info, codec)
+    check_pix_fmt(codec, pix_fmt)
     width, height, sar = output_geometry(info, scale, opts)
     if ("420" in pix_fmt or "422" in pix_fmt) and (width % 2 or (height % 2 and "420" in pix_fmt)):
         raise VideoError(f"output {width}x{height} has an odd side, which {pix_fmt} cannot hold; use --pix-fmt yuv444p")
@@ -371,6 +397,15 @@ def copy_metadata(inp: av.container.InputContainer, out: av.container.OutputCont
 
 
 # ---- partial files: OUT.partial until complete; a resumed run continues one from its last complete GOP ----
+
+
+def open_output(tmp: Path, dst: Path, fmt: str, options: dict[str, str] | None = None) -> av.container.OutputContainer:
+    """Open the partial file `tmp` of `dst` for writing; VideoError naming the folder when it cannot be created."""
+    try:
+        return av.open(str(tmp), mode="w", format=fmt, options=options or {})
+    except (av.error.FFmpegError, OSError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise VideoError(f"{dst}: cannot write in folder {dst.parent} ({reason})") from None
 
 
 def partial_path(dst: Path) -> Path:

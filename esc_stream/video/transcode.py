@@ -30,6 +30,7 @@ from .encode import (
     finalize,
     join_resumed,
     open_encoder,
+    open_output,
     output_format,
     output_geometry,
     partial_path,
@@ -166,7 +167,7 @@ def _transcode_open(
         ivs = inp.streams.video[0]
         ivs.thread_type = "AUTO"
         # every packet reaches the disk at once, so a killed Matroska run loses at most the GOP in progress
-        out = av.open(str(tmp), mode="w", format=fmt, options={"flush_packets": "1"})
+        out = open_output(tmp, dst, fmt, {"flush_packets": "1"})
         try:
             ovs = open_encoder(out, info, upscaler.scale, opts, fmt)
             sink = FrameSink(out, ovs, info.colour, upscaler.scale, cast(Fraction, ivs.time_base))

@@ -1,0 +1,174 @@
+"""Hostile and mistaken command-line input: each case is one line on stderr and exit status 2, never a traceback,
+"internal error" or a silent wrong result. One row of the table per case; the clips are built here, tiny."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from esc_stream.checkpoints import save_checkpoint
+from esc_stream.models import create_model
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A seeded x2 ESC whose output is the nearest-neighbour upscale (to_img zeroed)."""
+    torch.manual_seed(0)
+    m = create_model("esc_small", 2)
+    with torch.no_grad():
+        m.to_img.weight.zero_()
+        m.to_img.bias.zero_()
+    path = tmp_path_factory.mktemp("weights") / "nearest_x2.pth"
+    save_checkpoint(path, m)
+    return path
+
+
+def _clip(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        vs.codec_context.options = {"preset": "ultrafast"}
+        for i in range(2):
+            f = av.VideoFrame.from_ndarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), format="rgb24")
+            f = f.reformat(format="yuv420p")
+            f.pts = i
+            for p in vs.encode(f):
+                out.mux(p)
+        for p in vs.encode(None):
+            out.mux(p)
+    return path
+
+
+def _animated(path: Path) -> Path:
+    frames = [Image.fromarray(np.full((24, 32, 3), v, np.uint8)) for v in (0, 120, 240)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return path
+
+
+@contextmanager
+def _read_only(folder: Path):
+    """A folder nobody can write, root included (immutable where chattr works, else mode 555)."""
+    immutable = shutil.which("chattr") is not None and subprocess.run(["chattr", "+i", str(folder)]).returncode == 0
+    if not immutable:
+        folder.chmod(0o555)
+    try:
+        probe = folder / "probe"
+        try:
+            probe.touch()
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip("cannot make a read-only folder here")
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)])
+        folder.chmod(0o755)
+
+
+# (case, command, what the one line must say)
+CASES = [
+    ("crf_out_of_range", "transcode", "--crf 999: libx264 takes 0 (best) to 51"),
+    ("crf_out_of_range_vp9", "transcode", "--crf 64: libvpx-vp9 takes 0 (best) to 63"),
+    ("pix_fmt_banana", "transcode", "--pix-fmt banana: no such pixel format"),
+    ("pix_fmt_the_encoder_refuses", "transcode", "--pix-fmt rgb24: libx264 does not take it"),
+    ("folder_as_video_input", "transcode", "is a folder, not a video file"),
+    ("folder_as_image_input", "image", "is a folder, not an image file"),
+    ("folder_as_probe_input", "probe", "is a folder, not a video file"),
+    ("read_only_video_output_folder", "transcode", "is not writable"),
+    ("read_only_image_output_folder", "image", "is not writable"),
+    ("animated_gif", "image", "an animated image (3 frames)"),
+    ("animated_webp", "image", "an animated image (3 frames)"),
+]
+
+
+@pytest.mark.parametrize("case, command, expect", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input_is_one_line_and_exit_2(tmp_path, weights, case, command, expect):
+    src, dst, extra = tmp_path / "in.mp4", tmp_path / "out.mkv", []
+    ro = None
+    if command == "image":
+        src, dst = tmp_path / "in.png", tmp_path / "out.png"
+        Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(src)
+    else:
+        _clip(src)
+    if case.startswith("crf"):
+        extra = ["--crf", "999"] if case == "crf_out_of_range" else ["--crf", "64"]
+        dst = dst if case == "crf_out_of_range" else tmp_path / "out.webm"
+    elif case == "pix_fmt_banana":
+        extra = ["--pix-fmt", "banana"]
+    elif case == "pix_fmt_the_encoder_refuses":
+        extra = ["--pix-fmt", "rgb24"]
+    elif case.startswith("folder_as"):
+        src = tmp_path / "a_folder"
+        src.mkdir()
+    elif case.startswith("read_only"):
+        ro = tmp_path / "locked"
+        ro.mkdir()
+        dst = ro / dst.name
+    elif case == "animated_gif":
+        src = _animated(tmp_path / "anim.gif")
+    elif case == "animated_webp":
+        src = _animated(tmp_path / "anim.webp")
+    args = [command, str(src)] if command == "probe" else [command, str(src), str(dst), "--weights", str(weights)]
+    if command == "transcode":
+        args.append("--quiet")
+    cmd = [sys.executable, "-m", "esc_stream.cli", *args, *extra]
+    if ro is not None:
+        with _read_only(ro):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("esc-video:")]
+    assert proc.returncode == 2, proc.stderr
+    assert len(errors) == 1 and expect in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    if ro is not None:
+        assert str(ro) in errors[0] and ".tmp" not in errors[0] and ".partial" not in errors[0]
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_grayscale_png_comes_back_grayscale(tmp_path, weights, bits):
+    rng = np.random.default_rng(1)
+    if bits == 8:
+        grey = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+        Image.fromarray(grey, mode="L").save(tmp_path / "g.png")
+    else:
+        grey = rng.integers(0, 65536, (24, 32)).astype(np.uint16)
+        with av.open(str(tmp_path / "g.png"), "w", format="image2") as out:
+            s = out.add_stream("png")
+            s.width, s.height, s.pix_fmt = 32, 24, "gray16be"
+            for p in s.encode(av.VideoFrame.from_ndarray(grey, format="gray16le").reformat(format="gray16be")):
+                out.mux(p)
+            for p in s.encode(None):
+                out.mux(p)
+    dst = tmp_path / "g_out.png"
+    cmd = [
+        sys.executable,
+        "-m",
+        "esc_stream.cli",
+        "image",
+        str(tmp_path / "g.png"),
+        str(dst),
+        "--weights",
+        str(weights),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with av.open(str(dst)) as c:
+        frame = next(c.decode(video=0))
+        assert frame.format.name == ("gray" if bits == 8 else "gray16be")
+        out = frame.to_ndarray()
+    # the seeded model is an exact nearest-neighbour upscale: the grey levels come back as they went in
+    assert out.shape == (48, 64) and np.array_equal(out[::2, ::2], grey)
