@@ -327,11 +327,11 @@ def test_kill_and_resume_equals_a_straight_run(tmp_path, wdir, frames):
     assert packets(dst, "subtitle") == packets(straight, "subtitle")
 
 
-def test_resume_refuses_mp4_clearly(tmp_path, up, frames):
+def test_resume_refuses_avi_clearly(tmp_path, up, frames):
     src = make_clip(tmp_path / "in.mp4", frames)
-    dst = tmp_path / "out.mp4"
+    dst = tmp_path / "out.avi"
     partial_path(dst).write_bytes(b"partial")
-    with pytest.raises(VideoError, match="--resume works with .mkv"):
+    with pytest.raises(VideoError, match="--resume works with .mkv/.webm/.mp4/.mov"):
         transcode(src, dst, up, TranscodeOptions(resume=True))
     assert partial_path(dst).read_bytes() == b"partial"
 

@@ -6,6 +6,9 @@ decoded output against the upscaler's own output on the same decoded source fram
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -26,7 +29,7 @@ MASTER = "G(13250,34500)B(7500,3000)R(34000,16000)WP(15635,16450)L(10000000,1)"
 
 
 @pytest.fixture(scope="module")
-def up(tmp_path_factory):
+def weights(tmp_path_factory):
     """A seeded x2 ESC whose output is the nearest-neighbour upscale (to_img zeroed): fast and deterministic."""
     torch.manual_seed(0)
     m = create_model("esc_small", 2)
@@ -35,7 +38,12 @@ def up(tmp_path_factory):
         m.to_img.bias.zero_()
     path = tmp_path_factory.mktemp("weights") / "nearest_x2.pth"
     save_checkpoint(path, m)
-    return esc_stream.load(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def up(weights):
+    return esc_stream.load(weights)
 
 
 def _pictures(n: int, w: int = 64, h: int = 48, deep: bool = False) -> list[np.ndarray]:
@@ -184,3 +192,107 @@ def test_partial_colour_tags_are_kept_and_untagged_gets_what_was_assumed(tmp_pat
     with av.open(str(dst)) as c:
         cc = c.streams.video[0].codec_context
         assert (cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range) == expect
+
+
+_ASS_HEADER = "\n".join([
+    "[Script Info]", "ScriptType: v4.00+", "", "[V4+ Styles]",
+    "Format: Name, Fontname, Fontsize, PrimaryColour, SecondaryColour, OutlineColour, BackColour, Bold, Italic, "
+    "Underline, StrikeOut, ScaleX, ScaleY, Spacing, Angle, BorderStyle, Outline, Shadow, Alignment, MarginL, MarginR, "
+    "MarginV, Encoding",
+    "Style: Default,Arial,16,&Hffffff,&Hffffff,&H0,&H0,0,0,0,0,100,100,0,0,1,1,0,2,10,10,10,0", "", "[Events]",
+    "Format: Layer, Start, End, Style, Name, MarginL, MarginR, MarginV, Effect, Text", "",
+]).encode()  # fmt: skip
+
+
+def _mp4_with_everything(path: Path, n: int, mov_text: bool = True) -> Path:
+    """An MP4 with B-frames (negative first DTS), AAC (priming: starts before 0) and, if asked, mov_text."""
+    pictures = _pictures(6)
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        vs.codec_context.options = {"crf": "10", "preset": "fast", "bf": "2", "g": "12"}
+        a = out.add_stream("aac", rate=48000)
+        a.layout = "stereo"
+        a.metadata["language"] = "fin"
+        t = None
+        if mov_text:
+            t = out.add_stream("mov_text")
+            t.metadata["language"] = "eng"
+            t.codec_context.subtitle_header = _ASS_HEADER
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(pictures[i % 6], format="rgb24").reformat(format="yuv420p")
+            f.pts = i
+            for p in vs.encode(f):
+                out.mux(p)
+        for p in vs.encode(None):
+            out.mux(p)
+        samples = int(48000 * (n / 25 + 0.04))
+        wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(samples) / 48000)).astype(np.float32)
+        for start in range(0, samples, 1024):
+            chunk = np.ascontiguousarray(np.stack([wave, wave])[:, start : start + 1024])
+            af = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="stereo")
+            af.sample_rate, af.pts = 48000, start
+            for p in a.encode(af):
+                out.mux(p)
+        for p in a.encode(None):
+            out.mux(p)
+        for start, end, text in [(0, 500, "before the cut"), (1500, 2000, "after the cut")] if t else []:
+            data = text.encode()
+            pk = av.Packet(len(data).to_bytes(2, "big") + data)
+            pk.pts = pk.dts = start
+            pk.duration, pk.time_base, pk.stream = end - start, Fraction(1, 1000), t
+            out.mux(pk)
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "esc_stream.cli", *args], capture_output=True, text=True)
+
+
+def test_mp4_killed_and_resumed_equals_a_straight_run(tmp_path, weights):
+    from media import packets, video_pts_ms
+
+    from esc_stream.video.transcode import partial_path, resume_point
+
+    src = _mp4_with_everything(tmp_path / "in.mp4", 50, mov_text=False)  # 2 s, B-frames, AAC
+    with av.open(str(src)) as c:
+        assert any(p.dts is not None and p.dts < 0 for p in c.demux(c.streams.video[0]))  # B-frames: DTS < 0
+    common = ["--weights", str(weights), "--crf", "0", "-e", "g=6", "--quiet"]
+    straight = tmp_path / "straight.mp4"
+    assert _cli("transcode", str(src), str(straight), *common).returncode == 0
+    dst = tmp_path / "resumed.mp4"
+    partial = partial_path(dst)
+    proc = subprocess.Popen([sys.executable, "-m", "esc_stream.cli", "transcode", str(src), str(dst), *common],
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    for _ in range(2400):  # a few complete GOPs in the partial file, then a hard kill
+        if partial.exists() and (resume_point(partial) or 0) >= 0.5:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not dst.exists() and partial.exists() and len(_rgb(partial)) >= 12  # readable after the kill
+    done = _cli("transcode", str(src), str(dst), *common, "--resume")
+    assert done.returncode == 0 and "resumed at" in done.stderr, done.stderr
+    assert not partial.exists()
+    with av.open(str(dst)) as c:
+        assert c.format.name.startswith("mov,mp4") and c.streams.video[0].codec_context.name == "h264"
+    assert video_pts_ms(dst) == video_pts_ms(straight) == video_pts_ms(src)
+    a, b = _rgb(straight), _rgb(dst)
+    assert len(a) == len(b) == 50 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert packets(dst, "audio") == packets(straight, "audio") == packets(src, "audio")
+
+
+def test_mp4_with_mov_text_is_copied_and_its_resume_refused_clearly(tmp_path, up):
+    from media import packets
+
+    from esc_stream.video.probe import VideoError
+    from esc_stream.video.transcode import partial_path
+
+    src = _mp4_with_everything(tmp_path / "in.mp4", 12)
+    dst = tmp_path / "out.mp4"
+    transcode(src, dst, up)
+    assert packets(dst, "subtitle") == packets(src, "subtitle") and packets(dst, "audio") == packets(src, "audio")
+    partial_path(dst).write_bytes(b"partial")
+    with pytest.raises(VideoError, match="--no-subtitles"):
+        transcode(src, dst, up, TranscodeOptions(resume=True, overwrite=True))
+    assert partial_path(dst).read_bytes() == b"partial"

@@ -10,8 +10,11 @@ segments. So the choices an output makes live in one place:
   mux, and the final flush. Subclasses watch the packets (`mux`) for latency or timestamp records.
 - `PacketCopy`: audio/subtitle packets copied as they are, with non-increasing decode timestamps repaired;
   `add_copied_streams` declares those streams and `copy_metadata` carries tags and chapters over.
-- `partial_path`/`finalize`: an output is written as OUT.partial and moved into place once complete;
-  `resume_plan`/`join_resumed` continue a partial file from its last complete GOP.
+- `partial_path`/`finalize`: an output is written as OUT.partial (Matroska for MP4/MOV, see REMUXED) and moved
+  (or remuxed) into place once complete; `resume_plan`/`join_resumed` continue a partial file from its last
+  complete GOP.
+- `choose_codec`/`output_colour`/`metadata_warnings`: each container's full-quality default encoder (10-bit HEVC
+  for HDR sources), the colour tags written, and what source metadata (HDR10+, Dolby Vision) cannot be kept.
 """
 
 from __future__ import annotations
@@ -47,8 +50,13 @@ CONTAINERS = {
 # output container by URL scheme (and for "-"): MPEG-TS is what players and servers take from a pipe or socket
 SCHEME_FORMATS = {"tcp": "mpegts", "udp": "mpegts", "srt": "mpegts", "rtp": "rtp_mpegts", "rtmp": "flv",
                   "rtmps": "flv", "http": "mpegts", "https": "mpegts", "pipe": "mpegts", "-": "mpegts"}  # fmt: skip
-# containers whose partial file a resumed run continues (MP4 muxers move track starts)
-RESUMABLE = {"matroska", "webm"}
+# containers whose partial file a resumed run continues
+RESUMABLE = {"matroska", "webm", "mp4", "mov"}
+# MP4/MOV outputs are written as a Matroska partial file (which a killed run leaves readable up to its last
+# packet, timestamps exact) and remuxed by `finalize`, packets unchanged. Not with subtitles: Matroska cannot
+# hold mov_text (nor can fragmented MP4, where FFmpeg's muxer aborts on a sparse text track), so those are
+# written as MP4 directly and cannot be resumed
+REMUXED = {"mp4", "mov"}
 # the encoder a container gets when none is asked for (else libx264)
 DEFAULT_CODEC = {"webm": "libvpx-vp9", "nut": "ffv1", "yuv4mpegpipe": "rawvideo"}
 # containers that take HEVC: a 10-bit PQ/HLG source is written there as 10-bit HEVC with its HDR10 metadata
@@ -264,7 +272,7 @@ def open_encoder(
     cc.colorspace, cc.color_primaries, cc.color_trc = c.matrix, c.primaries, c.transfer
     if sar and sar.numerator:
         cc.sample_aspect_ratio = sar
-    if codec == "libx265" and fmt in ("mp4", "mov"):
+    if codec == "libx265" and out.format.name in ("mp4", "mov"):
         cc.codec_tag = "hvc1"  # the tag Apple players require for HEVC
     cc.options = _quality_options(codec, opts, info)
     try:
@@ -413,9 +421,46 @@ def partial_path(dst: Path) -> Path:
     return dst.with_name(dst.name + ".partial")
 
 
-def finalize(tmp: Path, dst: Path, fmt: str) -> None:
-    """Move the finished partial file into place."""
-    tmp.replace(dst)
+def partial_format(fmt: str, subtitles: bool = False) -> str:
+    """The container of the partial file of a `fmt` output (carrying subtitle streams or not)."""
+    return "matroska" if fmt in REMUXED and not subtitles else fmt
+
+
+def partial_options() -> dict[str, str]:
+    """Muxer options of a partial file: every packet reaches the disk at once, so a killed run loses at most
+    the GOP in progress."""
+    return {"flush_packets": "1"}
+
+
+def finalize(tmp: Path, dst: Path, fmt: str, remux: bool = False) -> None:
+    """Move the finished partial file into place; with `remux` (a Matroska partial of an MP4/MOV output) its
+    packets are copied into a `fmt` file first, unchanged, with the index at the front."""
+    if not remux:
+        tmp.replace(dst)
+        return
+    staged = tmp.with_name(tmp.name + ".final")
+    try:
+        with av.open(str(tmp)) as inp, av.open(str(staged), "w", format=fmt, options={"movflags": "+faststart"}) as out:
+            streams = {s.index: out.add_stream_from_template(s) for s in inp.streams if s.type in _COPYABLE}
+            for s in inp.streams:
+                if s.index not in streams:
+                    continue
+                copy_tags(s.metadata, streams[s.index])
+                if s.codec_context.name == "hevc":
+                    streams[s.index].codec_tag = "hvc1"  # the tag Apple players require for HEVC
+            copy_metadata(inp, out, chapters=True)
+            for packet in inp.demux(*(inp.streams[i] for i in streams)):
+                if packet.dts is None and packet.size == 0:
+                    continue
+                packet.stream = streams[packet.stream.index]  # type: ignore[assignment]
+                out.mux(packet)
+        staged.replace(dst)
+    finally:
+        staged.unlink(missing_ok=True)
+    tmp.unlink(missing_ok=True)
+
+
+_COPYABLE = ("video", "audio", "subtitle", "data")
 
 
 def resume_point(partial: Path) -> float | None:

@@ -21,6 +21,7 @@ from ..errors import VideoError
 from .colour import frame_to_rgb
 from .encode import (
     CONTAINERS,
+    REMUXED,
     RESUMABLE,
     FrameSink,
     PacketCopy,
@@ -33,6 +34,8 @@ from .encode import (
     open_output,
     output_format,
     output_geometry,
+    partial_format,
+    partial_options,
     partial_path,
     resume_plan,
     resume_point,
@@ -137,7 +140,10 @@ def transcode(
         if opts.start or opts.duration:
             raise VideoError("--resume cannot be combined with --start/--duration")
         if fmt not in RESUMABLE:
-            raise VideoError(f"{dst}: --resume works with .mkv/.webm outputs for now (MP4 muxers move track starts)")
+            raise VideoError(f"{dst}: --resume works with .mkv/.webm/.mp4/.mov outputs")
+        if fmt in REMUXED and info.subtitles and opts.subtitles:
+            raise VideoError(f"{dst}: --resume cannot continue an MP4/MOV output with subtitles (they are written "
+                             "directly, unresumable); restart with --overwrite, or use --no-subtitles")  # fmt: skip
         resume = resume_plan(tmp, src)
         if resume is not None:
             tmp.replace(previous)
@@ -166,8 +172,11 @@ def _transcode_open(
     with inp:
         ivs = inp.streams.video[0]
         ivs.thread_type = "AUTO"
-        # every packet reaches the disk at once, so a killed Matroska run loses at most the GOP in progress
-        out = open_output(tmp, dst, fmt, {"flush_packets": "1"})
+        # every packet reaches the disk at once, so a killed run loses at most the GOP in progress; MP4/MOV are
+        # written as Matroska until finalize (see REMUXED)
+        subtitles = opts.subtitles and any(s.type == "subtitle" for s in inp.streams)
+        partial_fmt = partial_format(fmt, subtitles)
+        out = open_output(tmp, dst, partial_fmt, partial_options())
         try:
             ovs = open_encoder(out, info, upscaler.scale, opts, fmt)
             sink = FrameSink(out, ovs, info.colour, upscaler.scale, cast(Fraction, ivs.time_base))
@@ -191,13 +200,13 @@ def _transcode_open(
         out.close()
     stopped = stop is not None and stop.is_set()
     if resume is not None:  # one file again: kept GOPs + source packets before the cut + the new part
-        join_resumed(previous, tmp, resume, fmt)
+        join_resumed(previous, tmp, resume, partial_fmt)
         frames += resume[2]
     if frames == 0 and not stopped:
         tmp.unlink(missing_ok=True)
         raise VideoError(f"{src}: no video frame could be decoded")
     if not stopped:
-        finalize(tmp, dst, fmt)
+        finalize(tmp, dst, fmt, remux=partial_fmt != fmt)
     final = tmp if stopped else dst
     # stopped before a packet was written: some muxers (MP4) never create the file; nothing to keep then
     size = final.stat().st_size if final.exists() else 0
