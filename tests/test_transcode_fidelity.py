@@ -296,3 +296,14 @@ def test_mp4_with_mov_text_is_copied_and_its_resume_refused_clearly(tmp_path, up
     with pytest.raises(VideoError, match="--no-subtitles"):
         transcode(src, dst, up, TranscodeOptions(resume=True, overwrite=True))
     assert partial_path(dst).read_bytes() == b"partial"
+
+
+def test_rgb_output_is_tagged_rgb_and_lossless(tmp_path, up):
+    src = _encode(tmp_path / "in.mkv", _pictures(2), "libx264", "yuv444p", tags={"colorspace": 1},
+                  options={"crf": "0", "preset": "ultrafast"})  # fmt: skip
+    dst = tmp_path / "out.mkv"
+    transcode(src, dst, up, TranscodeOptions(codec="ffv1", pix_fmt="bgr0"))
+    with av.open(str(dst)) as c:
+        cc = c.streams.video[0].codec_context
+        assert cc.pix_fmt == "bgr0" and cc.colorspace == 0
+    assert _psnr_to_model(up, src, dst) > 60

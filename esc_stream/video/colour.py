@@ -69,6 +69,11 @@ class Colour:
         return 1 if self.height >= 720 else 5
 
     @property
+    def matrix_known(self) -> bool:
+        """Tagged with a matrix the conversion can use (else `sws_matrix` is a guess from the height)."""
+        return self.matrix in _SWS_MATRIX
+
+    @property
     def full_range(self) -> bool:
         return self.range == 2
 

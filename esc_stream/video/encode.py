@@ -155,7 +155,7 @@ def output_colour(info: VideoInfo, codec: str, fmt: str) -> Colour:
     player assumes of an untagged stream: limited range, and BT.709 for HD or BT.601 for SD (of the output size).
     """
     c = info.colour
-    matrix = c.matrix if c.matrix != 2 else (1 if c.sws_matrix == 1 else 6)
+    matrix = c.matrix if c.matrix_known else (1 if c.sws_matrix == 1 else 6)  # what the conversion used
     rng = c.range if c.range else 1
     if codec == "mjpeg":  # JPEG's YCbCr: full range, BT.601
         return replace(c, matrix=5, range=2)
@@ -270,6 +270,8 @@ def open_encoder(
     c = output_colour(info, codec, fmt)
     cc.color_range = c.range
     cc.colorspace, cc.color_primaries, cc.color_trc = c.matrix, c.primaries, c.transfer
+    if pix_fmt.startswith(("rgb", "bgr", "gbr")):
+        cc.colorspace = 0  # RGB output: no matrix
     if sar and sar.numerator:
         cc.sample_aspect_ratio = sar
     if codec == "libx265" and out.format.name in ("mp4", "mov"):
