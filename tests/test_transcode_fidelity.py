@@ -254,7 +254,7 @@ def test_mp4_killed_and_resumed_equals_a_straight_run(tmp_path, weights):
 
     from esc_stream.video.transcode import partial_path, resume_point
 
-    src = _mp4_with_everything(tmp_path / "in.mp4", 50, mov_text=False)  # 2 s, B-frames, AAC
+    src = _mp4_with_everything(tmp_path / "in.mp4", 50)  # 2 s, B-frames, AAC, mov_text
     with av.open(str(src)) as c:
         assert any(p.dts is not None and p.dts < 0 for p in c.demux(c.streams.video[0]))  # B-frames: DTS < 0
     common = ["--weights", str(weights), "--crf", "0", "-e", "g=6", "--quiet"]
@@ -280,22 +280,23 @@ def test_mp4_killed_and_resumed_equals_a_straight_run(tmp_path, weights):
     a, b = _rgb(straight), _rgb(dst)
     assert len(a) == len(b) == 50 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert packets(dst, "audio") == packets(straight, "audio") == packets(src, "audio")
+    assert packets(dst, "subtitle") == packets(straight, "subtitle") == packets(src, "subtitle")
+    with av.open(str(dst)) as c:
+        assert c.streams.subtitles[0].codec_context.name == "mov_text"
+        assert c.streams.subtitles[0].metadata.get("language") == "eng"
 
 
-def test_mp4_with_mov_text_is_copied_and_its_resume_refused_clearly(tmp_path, up):
+def test_mp4_with_mov_text_is_copied_and_trimmed(tmp_path, up):
     from media import packets
 
-    from esc_stream.video.probe import VideoError
-    from esc_stream.video.transcode import partial_path
-
-    src = _mp4_with_everything(tmp_path / "in.mp4", 12)
+    src = _mp4_with_everything(tmp_path / "in.mp4", 50)
     dst = tmp_path / "out.mp4"
     transcode(src, dst, up)
     assert packets(dst, "subtitle") == packets(src, "subtitle") and packets(dst, "audio") == packets(src, "audio")
-    partial_path(dst).write_bytes(b"partial")
-    with pytest.raises(VideoError, match="--no-subtitles"):
-        transcode(src, dst, up, TranscodeOptions(resume=True, overwrite=True))
-    assert partial_path(dst).read_bytes() == b"partial"
+    cut = tmp_path / "cut.mp4"
+    transcode(src, cut, up, TranscodeOptions(start=1.2, duration=0.6))
+    subs = [p for p in packets(cut, "subtitle") if p[2][2:]]  # the cue with text, shifted by the start
+    assert len(subs) == 1 and subs[0][0] == 300 and b"after the cut" in subs[0][2]
 
 
 def test_rgb_output_is_tagged_rgb_and_lossless(tmp_path, up):

@@ -53,9 +53,9 @@ SCHEME_FORMATS = {"tcp": "mpegts", "udp": "mpegts", "srt": "mpegts", "rtp": "rtp
 # containers whose partial file a resumed run continues
 RESUMABLE = {"matroska", "webm", "mp4", "mov"}
 # MP4/MOV outputs are written as a Matroska partial file (which a killed run leaves readable up to its last
-# packet, timestamps exact) and remuxed by `finalize`, packets unchanged. Not with subtitles: Matroska cannot
-# hold mov_text (nor can fragmented MP4, where FFmpeg's muxer aborts on a sparse text track), so those are
-# written as MP4 directly and cannot be resumed
+# packet, timestamps exact) and remuxed by `finalize`, packets unchanged. Matroska cannot hold mov_text (nor can
+# fragmented MP4: FFmpeg's muxer aborts on a sparse text track), so subtitle streams are copied from the source
+# by `finalize` itself; a pipe or URL source, read once, is written as MP4 directly instead (not resumable)
 REMUXED = {"mp4", "mov"}
 # the encoder a container gets when none is asked for (else libx264)
 DEFAULT_CODEC = {"webm": "libvpx-vp9", "nut": "ffv1", "yuv4mpegpipe": "rawvideo"}
@@ -434,9 +434,12 @@ def partial_options() -> dict[str, str]:
     return {"flush_packets": "1"}
 
 
-def finalize(tmp: Path, dst: Path, fmt: str, remux: bool = False) -> None:
+def finalize(
+    tmp: Path, dst: Path, fmt: str, remux: bool = False, subtitles_from: tuple[Path, Window] | None = None
+) -> None:
     """Move the finished partial file into place; with `remux` (a Matroska partial of an MP4/MOV output) its
-    packets are copied into a `fmt` file first, unchanged, with the index at the front."""
+    packets are copied into a `fmt` file first, unchanged, with the index at the front, together with the
+    subtitle streams of `subtitles_from` = (source, window): its packets in the window, as `window_packets`."""
     if not remux:
         tmp.replace(dst)
         return
@@ -451,15 +454,63 @@ def finalize(tmp: Path, dst: Path, fmt: str, remux: bool = False) -> None:
                 if s.codec_context.name == "hevc":
                     streams[s.index].codec_tag = "hvc1"  # the tag Apple players require for HEVC
             copy_metadata(inp, out, chapters=True)
-            for packet in inp.demux(*(inp.streams[i] for i in streams)):
-                if packet.dts is None and packet.size == 0:
-                    continue
-                packet.stream = streams[packet.stream.index]  # type: ignore[assignment]
-                out.mux(packet)
+
+            def partial() -> Iterator[tuple[float, int, av.Packet]]:
+                for packet in inp.demux(*(inp.streams[i] for i in streams)):
+                    if packet.dts is None and packet.size == 0:
+                        continue
+                    t = float(packet.dts * packet.time_base) if packet.dts is not None else 0.0
+                    packet.stream = streams[packet.stream.index]  # type: ignore[assignment]
+                    yield t, id(packet), packet
+
+            if subtitles_from is None:
+                for _, _, packet in partial():
+                    out.mux(packet)
+            else:
+                with open_input(subtitles_from[0]) as source:
+                    subs = {s.index: add_copy(out, s, f"{dst}: cannot carry subtitle stream #{s.index}")
+                            for s in source.streams if s.type == "subtitle"}  # fmt: skip
+                    for s in source.streams:
+                        if s.index in subs:
+                            copy_tags(s.metadata, subs[s.index])
+                    copy = PacketCopy()
+
+                    def subtitles() -> Iterator[tuple[float, int, av.Packet]]:
+                        for packet in window_packets(source, list(subs), subtitles_from[1]):
+                            copy.repair(packet, packet.stream.index)
+                            assert packet.dts is not None
+                            t = float(packet.dts * packet.time_base)
+                            packet.stream = subs[packet.stream.index]  # type: ignore[assignment]
+                            yield t, id(packet), packet
+
+                    for _, _, packet in heapq.merge(partial(), subtitles()):
+                        out.mux(packet)
         staged.replace(dst)
     finally:
         staged.unlink(missing_ok=True)
     tmp.unlink(missing_ok=True)
+
+
+# (start s, end s or None, shift timestamps to start at 0, trim copied streams to [start, end))
+Window = tuple[float, float | None, bool, bool]
+
+
+def window_packets(inp: av.container.InputContainer, indices: list[int], window: Window) -> Iterator[av.Packet]:
+    """The timestamped packets of streams `indices` of `inp` a transcode copies for `window`: those inside it
+    when trimming, shifted to start at 0 when asked."""
+    start, end, shift, trim = window
+    trimming = start > 0 or end is not None
+    for packet in inp.demux(*(inp.streams[i] for i in indices)):
+        if packet.dts is None or packet.pts is None:
+            continue
+        tb = packet.time_base
+        t = float(packet.pts * tb)
+        if trimming and trim and (t < start - 1e-6 or (end is not None and t >= end)):
+            continue
+        if shift:
+            packet.pts -= round(start / tb)
+            packet.dts -= round(start / tb)
+        yield packet
 
 
 _COPYABLE = ("video", "audio", "subtitle", "data")

@@ -141,9 +141,6 @@ def transcode(
             raise VideoError("--resume cannot be combined with --start/--duration")
         if fmt not in RESUMABLE:
             raise VideoError(f"{dst}: --resume works with .mkv/.webm/.mp4/.mov outputs")
-        if fmt in REMUXED and info.subtitles and opts.subtitles:
-            raise VideoError(f"{dst}: --resume cannot continue an MP4/MOV output with subtitles (they are written "
-                             "directly, unresumable); restart with --overwrite, or use --no-subtitles")  # fmt: skip
         resume = resume_plan(tmp, src)
         if resume is not None:
             tmp.replace(previous)
@@ -175,12 +172,14 @@ def _transcode_open(
         # every packet reaches the disk at once, so a killed run loses at most the GOP in progress; MP4/MOV are
         # written as Matroska until finalize (see REMUXED)
         subtitles = opts.subtitles and any(s.type == "subtitle" for s in inp.streams)
-        partial_fmt = partial_format(fmt, subtitles)
+        # MP4/MOV subtitles (mov_text) cannot go into the Matroska partial: finalize copies them from the source
+        held = subtitles and fmt in REMUXED and isinstance(src, Path)
+        partial_fmt = partial_format(fmt, subtitles and not held)
         out = open_output(tmp, dst, partial_fmt, partial_options())
         try:
             ovs = open_encoder(out, info, upscaler.scale, opts, fmt)
             sink = FrameSink(out, ovs, info.colour, upscaler.scale, cast(Fraction, ivs.time_base))
-            copies = add_copied_streams(inp, out, dst, audio=opts.audio, subtitles=opts.subtitles)
+            copies = add_copied_streams(inp, out, dst, audio=opts.audio, subtitles=opts.subtitles and not held)
             copy_metadata(inp, out, chapters=opts.start == 0 and opts.duration is None)
             # a resumed run re-encodes video from the cut but copies audio/subtitles whole, so the muxer
             # lays them out exactly as in the uninterrupted run
@@ -206,7 +205,7 @@ def _transcode_open(
         tmp.unlink(missing_ok=True)
         raise VideoError(f"{src}: no video frame could be decoded")
     if not stopped:
-        finalize(tmp, dst, fmt, remux=partial_fmt != fmt)
+        finalize(tmp, dst, fmt, remux=partial_fmt != fmt, subtitles_from=(Path(src), window) if held else None)
     final = tmp if stopped else dst
     # stopped before a packet was written: some muxers (MP4) never create the file; nothing to keep then
     size = final.stat().st_size if final.exists() else 0
