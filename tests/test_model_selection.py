@@ -67,11 +67,17 @@ def test_image_runs_the_chosen_tier(tmp_path, capsys):
     assert not np.array_equal(outs["fast"], outs["balanced"])
 
 
-def test_stream_says_it_runs_the_fast_model(capsys):
+def test_stream_runs_and_names_the_fast_model(tmp_path, capsys):
+    from media import demo_frames, make_clip
+
     _needs("fast", 2)
-    up = load_upscaler(_args(command="stream", quiet=False))
+    up = load_upscaler(_args(command="stream"))
     assert up.tier == "fast" and up.variant == "esc_fast"
-    assert "esc-video: model: embedded fast x2" in capsys.readouterr().err
+    clip = make_clip(tmp_path / "in.ts", demo_frames(3), fmt="mpegts")
+    out = tmp_path / "out.mkv"
+    assert main(["stream", str(clip), str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "model embedded fast x2 model (esc_fast" in err.strip().splitlines()[-1]
 
 
 def test_weights_win_over_model(tmp_path, capsys):

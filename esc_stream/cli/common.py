@@ -218,7 +218,7 @@ def model_scale_for(factor: float, tier: str) -> int:
 def load_upscaler(args: argparse.Namespace) -> Any:
     """The Upscaler the model options of `add_model_args` describe; UserError (one line) when it cannot be had.
     Says on stderr which model runs when that is not what was asked for (a resampled scale, --weights over
-    --model) and, for `stream`, always."""
+    --model); `stream` names it once frames flow and in its summary."""
     import torch
 
     from ..devices import resolve_device
@@ -252,8 +252,6 @@ def load_upscaler(args: argparse.Namespace) -> Any:
     if args.weights is None and args.scale in (2, 3, 4) and not fixed:
         print(f"esc-video: no embedded {tier} model for x{args.scale}; running x{up.scale} and resampling",
               file=sys.stderr)  # fmt: skip
-    if stream and not getattr(args, "quiet", False):
-        print(f"esc-video: model: {up.source}", file=sys.stderr)
     if not up.pretrained:
         print(f"warning: {up.source}: the output shows no real upscaling quality", file=sys.stderr)
     return up

@@ -150,12 +150,20 @@ def cmd_stream(args: argparse.Namespace) -> int:
     )
     check_output(args.input, args.output, opts)
     up = load_upscaler(args)
+    named = []  # the model is named with the first stats line (bad input stays one line) and in the summary
+
+    def report(st: Any) -> None:
+        if not named:
+            named.append(True)
+            print(f"esc-video: model: {up.source}", file=sys.stderr)
+        print(f"esc-video: {st.line()}", file=sys.stderr, flush=True)
+
     with stop_on_signals() as stop:
-        stats = stream(args.input, args.output, up, opts, stop=stop,
-                       report=lambda st: print(f"esc-video: {st.line()}", file=sys.stderr, flush=True))  # fmt: skip
+        stats = stream(args.input, args.output, up, opts, stop=stop, report=report)
     # stdout may be the video itself: every message goes to stderr
     how = "stopped by signal" if stats.stopped else "input ended"
-    print(f"esc-video: {how}; {stats.output or 'nothing written'}: {stats.frames_out} of {stats.frames_in} frames "
+    print(f"esc-video: {how}; model {up.source}; {stats.output or 'nothing written'}: "
+          f"{stats.frames_out} of {stats.frames_in} frames "
           f"in {stats.seconds:.1f} s ({stats.fps:.2f} fps), dropped {stats.dropped}, bad packets {stats.bad_packets}, "
           f"latency median {stats.median:.2f} s, p95 {stats.p95:.2f} s", file=sys.stderr)  # fmt: skip
     return 0
