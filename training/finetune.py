@@ -85,7 +85,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
     model.load_state_dict(sd)
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.9))
-    sampler = ClipSampler(load_images(cfg.stills_dir, prescale=cfg.prescale), [FrameSequence(p) for p in cfg.sequences], desc.scale,
+    stills = load_images(cfg.stills_dir, prescale=cfg.prescale)
+    sampler = ClipSampler(stills, [FrameSequence(p) for p in cfg.sequences], desc.scale,
                           cfg.frames, cfg.lr_patch, cfg.batch, cfg.real_fraction)  # fmt: skip
     sampler.generator.manual_seed(cfg.seed)
     it = 0

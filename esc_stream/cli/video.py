@@ -150,7 +150,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     )
     check_output(args.input, args.output, opts)
     up = load_upscaler(args)
-    named = []  # the model is named with the first stats line (bad input stays one line) and in the summary
+    named: list[bool] = []  # the model is named with the first stats line (bad input stays one line) and in the summary
 
     def report(st: Any) -> None:
         if not named:
