@@ -90,6 +90,7 @@ CASES = [
     ("read_only_image_output_folder", "image", "is not writable"),
     ("animated_gif", "image", "an animated image (3 frames)"),
     ("animated_webp", "image", "an animated image (3 frames)"),
+    ("animated_png", "image", "an animated image (3 frames)"),
 ]
 
 
@@ -120,6 +121,8 @@ def test_hostile_input_is_one_line_and_exit_2(tmp_path, weights, case, command, 
         src = _animated(tmp_path / "anim.gif")
     elif case == "animated_webp":
         src = _animated(tmp_path / "anim.webp")
+    elif case == "animated_png":
+        src = _animated(tmp_path / "anim_apng.png")
     args = [command, str(src)] if command == "probe" else [command, str(src), str(dst), "--weights", str(weights)]
     if command == "transcode":
         args.append("--quiet")
