@@ -80,7 +80,7 @@ def main() -> None:
         runs = {
             "image": [*cli, "image", str(still), str(d / "out.png"), *common],
             "transcode": [*cli, "transcode", str(clip), str(d / "out.mp4"), "--overwrite", "--quiet", *common],
-            "stream": [*cli, "stream", str(clip), str(d / "out.mkv"), "--quiet", *common],
+            "stream": [*cli, "stream", str(clip), str(d / "out.mkv"), "--overwrite", "--quiet", *common],
         }
         print(f"peak RSS, 960x540 -> 1920x1080, model {args.model}, {args.frames} frames, {args.threads} threads")
         for name, cmd in runs.items():
