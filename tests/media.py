@@ -18,6 +18,21 @@ def demo_frames(n: int, size: tuple[int, int] = (64, 36)) -> list[np.ndarray]:
     return [np.asarray(Image.open(f).convert("RGB").resize(size, Image.BICUBIC)) for f in files]
 
 
+def nearest_weights(path: Path) -> Path:
+    """A seeded x2 esc_small whose output is the nearest-neighbour upscale (to_img zeroed): fast, deterministic."""
+    import torch
+
+    from esc_stream.checkpoints import save_checkpoint
+    from esc_stream.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("esc_small", 2)
+    with torch.no_grad():
+        m.to_img.weight.zero_()
+        m.to_img.bias.zero_()
+    return save_checkpoint(path, m)
+
+
 def smooth_pictures(folder: Path, n: int, size: tuple[int, int]) -> Path:
     """`n` blocky-smooth random RGB PNGs of `size` (h, w) in `folder` (made): a stand-in validation set."""
     rng = np.random.default_rng(0)

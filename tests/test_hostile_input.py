@@ -12,24 +12,13 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
+from media import nearest_weights
 from PIL import Image
-
-from esc_stream.checkpoints import save_checkpoint
-from esc_stream.models import create_model
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A seeded x2 ESC whose output is the nearest-neighbour upscale (to_img zeroed)."""
-    torch.manual_seed(0)
-    m = create_model("esc_small", 2)
-    with torch.no_grad():
-        m.to_img.weight.zero_()
-        m.to_img.bias.zero_()
-    path = tmp_path_factory.mktemp("weights") / "nearest_x2.pth"
-    save_checkpoint(path, m)
-    return path
+    return nearest_weights(tmp_path_factory.mktemp("weights") / "nearest_x2.pth")
 
 
 def _clip(path: Path) -> Path:

@@ -16,11 +16,9 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
+from media import nearest_weights
 
 import esc_stream
-from esc_stream.checkpoints import save_checkpoint
-from esc_stream.models import create_model
 from esc_stream.video.colour import HdrMetadata, frame_to_rgb
 from esc_stream.video.probe import probe
 from esc_stream.video.transcode import TranscodeOptions, transcode
@@ -30,15 +28,7 @@ MASTER = "G(13250,34500)B(7500,3000)R(34000,16000)WP(15635,16450)L(10000000,1)"
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A seeded x2 ESC whose output is the nearest-neighbour upscale (to_img zeroed): fast and deterministic."""
-    torch.manual_seed(0)
-    m = create_model("esc_small", 2)
-    with torch.no_grad():
-        m.to_img.weight.zero_()
-        m.to_img.bias.zero_()
-    path = tmp_path_factory.mktemp("weights") / "nearest_x2.pth"
-    save_checkpoint(path, m)
-    return path
+    return nearest_weights(tmp_path_factory.mktemp("weights") / "nearest_x2.pth")
 
 
 @pytest.fixture(scope="module")
