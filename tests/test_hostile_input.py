@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +48,53 @@ def _animated(path: Path) -> Path:
     return path
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _silent_sender(port: int, payload: bytes = b""):
+    """A client that connects to the stream's listening port (retrying until it listens), sends `payload` and
+    then nothing, holding the connection open until the test is over."""
+    done = threading.Event()
+
+    def send() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not done.is_set():
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=1)
+            except OSError:
+                time.sleep(0.05)
+                continue
+            with conn:
+                conn.sendall(payload)
+                done.wait(60)
+            return
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join(5)
+
+
+@contextmanager
+def _open_pipe(payload: bytes = b""):
+    """The read end of a pipe for a child's stdin; the write end stays open (nothing more is sent) until the
+    test is over, so a child that ignores --timeout waits for the test's own limit."""
+    r, w = os.pipe()
+    try:
+        os.write(w, payload)  # a small clip fits the pipe's buffer
+        yield r
+    finally:
+        os.close(w)
+        os.close(r)
+
+
 @contextmanager
 def _read_only(folder: Path):
     """A folder nobody can write, root included (immutable where chattr works, else mode 555)."""
@@ -80,6 +131,10 @@ CASES = [
     ("animated_gif", "image", "an animated image (3 frames)"),
     ("animated_webp", "image", "an animated image (3 frames)"),
     ("animated_png", "image", "an animated image (3 frames)"),
+    # `stream --timeout 1`: an input that never sends a byte ends the run within about a second, naming it
+    ("silent_stdin", "stream", "no data from stdin within 1 s (--timeout)"),
+    ("silent_tcp_listen_nobody_connects", "stream", "within 1 s (--timeout)"),
+    ("silent_tcp_sender", "stream", "within 1 s (--timeout)"),
 ]
 
 
@@ -90,6 +145,9 @@ def test_hostile_input_is_one_line_and_exit_2(tmp_path, weights, case, command, 
     if command == "image":
         src, dst = tmp_path / "in.png", tmp_path / "out.png"
         Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(src)
+    elif command == "stream":
+        dst = tmp_path / "out.ts"
+        extra = ["--timeout", "1"]
     else:
         _clip(src)
     if case.startswith("crf"):
@@ -112,6 +170,10 @@ def test_hostile_input_is_one_line_and_exit_2(tmp_path, weights, case, command, 
         src = _animated(tmp_path / "anim.webp")
     elif case == "animated_png":
         src = _animated(tmp_path / "anim_apng.png")
+    elif case == "silent_stdin":
+        src = "-"
+    elif case.startswith("silent_tcp"):
+        src = f"tcp://127.0.0.1:{_free_port()}?listen"
     args = [command, str(src)] if command == "probe" else [command, str(src), str(dst), "--weights", str(weights)]
     if command == "transcode":
         args.append("--quiet")
@@ -119,15 +181,48 @@ def test_hostile_input_is_one_line_and_exit_2(tmp_path, weights, case, command, 
     if ro is not None:
         with _read_only(ro):
             proc = subprocess.run(cmd, capture_output=True, text=True)
+    elif case == "silent_stdin":
+        with _open_pipe() as stdin:
+            proc = subprocess.run(cmd, stdin=stdin, capture_output=True, text=True, timeout=30)
+    elif case == "silent_tcp_sender":
+        with _silent_sender(int(str(src).split(":")[-1].split("?")[0])):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     else:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("esc-video:")]
     assert proc.returncode == 2, proc.stderr
     assert len(errors) == 1 and expect in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
     if ro is not None:
         assert str(ro) in errors[0] and ".tmp" not in errors[0] and ".partial" not in errors[0]
+    if command == "stream":
+        assert f"no data from {'stdin' if src == '-' else src} within" in errors[0]
+        assert not Path(f"{dst}.partial").exists()
     assert not dst.exists()
+
+
+def test_stream_input_silent_after_frames_keeps_the_output(tmp_path, weights):
+    """Frames, then silence with the pipe still open: the run ends on its own (--timeout 1), the output is whole
+    and renamed into place, and the summary says the input timed out (exit 0, as at an end of input)."""
+    ts = tmp_path / "in.ts"
+    with av.open(str(_clip(tmp_path / "in.mp4"))) as c, av.open(str(ts), "w", format="mpegts") as out:
+        s = out.add_stream_from_template(c.streams.video[0])
+        for packet in c.demux(c.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = s
+                out.mux(packet)
+    dst = tmp_path / "out.mkv"
+    cmd = [sys.executable, "-m", "esc_stream.cli", "stream", "-", str(dst), "--weights", str(weights),
+           "--timeout", "1", "--quiet"]  # fmt: skip
+    with _open_pipe(ts.read_bytes()) as stdin:
+        proc = subprocess.run(cmd, stdin=stdin, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "input timed out: no data from stdin for 1 s (--timeout)" in proc.stderr
+    assert "2 of 2 frames" in proc.stderr and "Traceback" not in proc.stderr
+    with av.open(str(dst)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 2 and frames[0].shape == (96, 128, 3)
+    assert not Path(f"{dst}.partial").exists()
 
 
 @pytest.mark.parametrize("bits", [8, 16])

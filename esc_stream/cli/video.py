@@ -162,6 +162,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
         stats = stream(args.input, args.output, up, opts, stop=stop, report=report)
     # stdout may be the video itself: every message goes to stderr
     how = "stopped by signal" if stats.stopped else "input ended"
+    if stats.timed_out:  # the output is whole up to there, as at an end of input
+        where = "stdin" if args.input == "-" else args.input
+        how = f"input timed out: no data from {where} for {args.timeout:g} s (--timeout)"
     print(f"esc-video: {how}; model {up.source}; {stats.output or 'nothing written'}: "
           f"{stats.frames_out} of {stats.frames_in} frames "
           f"in {stats.seconds:.1f} s ({stats.fps:.2f} fps), dropped {stats.dropped}, bad packets {stats.bad_packets}, "

@@ -78,20 +78,33 @@ def _ffmpeg_url(src: str) -> str:
     return "pipe:0" if src == "-" else src
 
 
+def no_data(label: str, seconds: float) -> str:
+    """The one line for an input that sent nothing for `seconds` (`stream --timeout`)."""
+    return f"no data from {label} within {seconds:g} s (--timeout)"
+
+
 def open_input(
     path: str | Path,
     *,
     format: str | None = None,
     options: dict[str, str] | None = None,
     timeout: float | tuple[float | None, float | None] | None = None,
+    reader: Any = None,
 ) -> av.container.InputContainer:
     """Open for reading only, with one clear error for the usual problems.
 
-    `path` may also be "-" (stdin) or a URL FFmpeg opens; `format`, `options` and `timeout` apply to those."""
+    `path` may also be "-" (stdin) or a URL FFmpeg opens; `format`, `options` and `timeout` apply to those.
+    `reader`, a file-like object, is read instead of a live `path` (which then only names it in messages)."""
     if is_live(path):
         label = "stdin" if path == "-" else str(path)
         try:
-            return av.open(_ffmpeg_url(str(path)), mode="r", format=format, options=options or {}, timeout=timeout)
+            target = reader if reader is not None else _ffmpeg_url(str(path))
+            return av.open(target, mode="r", format=format, options=options or {}, timeout=timeout)
+        except av.error.ExitError as exc:  # PyAV's timeout interrupted the wait (connect, accept or first bytes)
+            first = timeout[0] if isinstance(timeout, tuple) else timeout
+            if first is None:
+                raise VideoError(f"{label}: cannot open ({exc.strerror})") from None
+            raise VideoError(no_data(label, first)) from None
         except av.error.FFmpegError as exc:
             raise VideoError(f"{label}: cannot open ({exc.strerror or type(exc).__name__})") from None
         except ValueError as exc:  # e.g. an unknown -f name

@@ -17,6 +17,7 @@ import collections
 import itertools
 import math
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -42,7 +43,7 @@ from .encode import (
     partial_path,
 )
 from .pipeline import run_pipeline
-from .probe import VideoInfo, is_live, open_input, probe_container
+from .probe import VideoInfo, is_live, no_data, open_input, probe_container
 
 STREAM_CODEC = {"webm": "libvpx-vp9", "yuv4mpegpipe": "rawvideo"}  # else libx264
 REALTIME = ("block", "drop")
@@ -84,6 +85,7 @@ class StreamStats:
     resolution_changes: int = 0
     reconnects: int = 0
     stopped: bool = False
+    timed_out: bool = False  # the input went silent for --timeout seconds after its first frame; the output is whole
     output: str = ""
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0
@@ -219,6 +221,42 @@ class _Pending:
             yield item
 
 
+def _pipe_fd(src: str) -> int | None:
+    """The file descriptor of "-" (stdin) and pipe:N inputs; None for URLs and files."""
+    if src in ("-", "pipe:"):
+        return 0
+    if src.startswith("pipe:") and src[5:].isdigit():
+        return int(src[5:])
+    return None
+
+
+class _SilentPipe:
+    """stdin (or pipe:N) as the file-like object FFmpeg reads when --timeout is given: PyAV's timeout cannot
+    interrupt a blocking read of a pipe, so each read here waits at most `timeout` seconds for data (select, in
+    short slices so that a stop ends the wait too). When none comes it answers end of input, from then on, with
+    `timed_out` set: the demuxer flushes what it holds and the stream ends as at a real end of input."""
+
+    def __init__(self, fd: int, timeout: float, stop: threading.Event) -> None:
+        self.fd, self.timeout, self.stop = fd, timeout, stop
+        self.timed_out = False
+        self.received = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self.timed_out or self.stop.is_set():
+            return b""
+        deadline = time.monotonic() + self.timeout
+        while not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.timed_out = True
+                return b""
+            if select.select([self.fd], [], [], min(left, 0.2))[0]:
+                data = os.read(self.fd, size if size > 0 else 65536)
+                self.received += len(data)
+                return data
+        return b""
+
+
 class _Source(threading.Thread):
     """Opens the input (and reopens it with --reconnect), demuxes, decodes and queues frames and packets.
 
@@ -240,12 +278,23 @@ class _Source(threading.Thread):
         self._offset = Fraction(0)  # seconds added to every timestamp of the current connection
         self._need_offset = False
         self._end = Fraction(0)  # where the latest packet or frame queued so far ends, output timeline, seconds
+        self.pipe: _SilentPipe | None = None  # stdin/pipe:N read under --timeout
+        self._interrupted = False  # PyAV's --timeout ended a wait for the current connection's next packet
+
+    @property
+    def silent(self) -> bool:
+        """True once the input sent nothing for --timeout seconds (the reason its reading ended)."""
+        return self._interrupted or (self.pipe is not None and self.pipe.timed_out)
 
     def _open(self) -> av.container.InputContainer:
-        timeout = (self.opts.timeout, self.opts.timeout) if self.opts.timeout else None
+        t = self.opts.timeout
         # FFmpeg's default 5 s of stream analysis would be 5 s of start-up delay on a live source
         options = {"analyzeduration": "500000", **self.opts.input_options}
-        return open_input(self.src, format=self.opts.input_format, options=options, timeout=timeout)
+        fd = _pipe_fd(self.src)
+        if t and fd is not None:
+            self.pipe = _SilentPipe(fd, t, self.stop)
+            return open_input(self.src, format=self.opts.input_format, options=options, reader=self.pipe)
+        return open_input(self.src, format=self.opts.input_format, options=options, timeout=(t, t) if t else None)
 
     def run(self) -> None:
         container = None
@@ -257,6 +306,11 @@ class _Source(threading.Thread):
                 self.audio = list(container.streams.audio) if self.opts.audio else []
                 items = self._items(container)
                 first = self._read_to_first_frame(items)
+            except VideoError:
+                if self.silent and not self.stop.is_set():  # not a bad input: a quiet one, said so
+                    where = "stdin" if self.src == "-" else self.src
+                    raise VideoError(no_data(where, cast(float, self.opts.timeout))) from None
+                raise
             finally:
                 self.opened.set()
             while not self.go.wait(0.1):
@@ -304,7 +358,7 @@ class _Source(threading.Thread):
                 self.stop.wait(1.0)
                 continue
             self.stats.reconnects += 1
-            self._need_offset = True
+            self._need_offset, self._interrupted = True, False
             return container
         return None
 
@@ -376,6 +430,8 @@ class _Source(threading.Thread):
                         yield ("frame", seq, round(when / out_tb), frame_to_rgb(frame, colour), arrival)
                 return  # end of input (the demuxer's final empty packets flushed the decoder)
             except av.error.FFmpegError as exc:
+                if isinstance(exc, av.error.ExitError) and self.opts.timeout:
+                    self._interrupted = True  # PyAV's --timeout: nothing came for that long
                 if isinstance(exc, av.error.ExitError | av.error.EOFError) or failures >= 20:
                     return  # timed out, or the connection is gone: this connection is over
                 failures += 1
@@ -485,6 +541,9 @@ def stream(
         if stop.is_set():  # stopped while the source was still connecting: nothing was written
             stats.stopped = True
             return stats
+    if stop.is_set():  # stopped just as the source gave up (a stop also ends a --timeout wait on a pipe)
+        stats.stopped = True
+        return stats
     if source.error is not None:
         raise source.error
     info = cast(VideoInfo, source.info)
@@ -495,7 +554,7 @@ def stream(
         sink, pending = _prepare(out, source, info, upscaler, opts, fmt, stats)
         # the first call of a network is slow (allocations, kernel selection): not on a live frame's clock
         upscaler(np.zeros((info.height, info.width, 3), np.uint16 if info.colour.deep else np.uint8))
-        _start(out, stats.output)  # connect (or wait for a client) and write the header now, errors included
+        _start(out, stats.output, opts.timeout)  # connect (or wait for a client), write the header, errors included
         source.go.set()
         reporter = None
         if report is not None and opts.stats_every > 0:
@@ -518,7 +577,10 @@ def stream(
         stop.set()
         _close(out)
         kept = f"; {target} kept" if target.endswith(".partial") and Path(target).exists() else ""
-        raise VideoError(f"{stats.output}: writing failed ({getattr(exc, 'strerror', None) or exc}){kept}") from None
+        why = getattr(exc, "strerror", None) or exc
+        if isinstance(exc, av.error.ExitError) and opts.timeout:
+            why = f"it took nothing for {opts.timeout:g} s (--timeout)"
+        raise VideoError(f"{stats.output}: writing failed ({why}){kept}") from None
     except BaseException:
         source.go.set()
         stop.set()
@@ -526,6 +588,7 @@ def stream(
         raise
     _close(out)
     stats.stopped = stop.is_set()
+    stats.timed_out = source.silent and not stats.stopped
     stats.seconds = time.perf_counter() - stats.started
     if stats.frames_in == 0 and not stats.stopped:
         raise VideoError(f"{'stdin' if src == '-' else src}: no video frame could be decoded")
@@ -534,9 +597,13 @@ def stream(
     return stats
 
 
-def _start(out: av.container.OutputContainer, name: str) -> None:
+def _start(out: av.container.OutputContainer, name: str, timeout: float | None) -> None:
     try:
         out.start_encoding()
+    except av.error.ExitError:
+        if not timeout:
+            raise VideoError(f"{name}: cannot open for writing (interrupted)") from None
+        raise VideoError(f"{name}: no peer took the output within {timeout:g} s (--timeout)") from None
     except (av.error.FFmpegError, OSError) as exc:
         raise VideoError(f"{name}: cannot open for writing ({getattr(exc, 'strerror', None) or exc})") from None
 
