@@ -49,6 +49,7 @@ from torch import nn
 
 from . import native
 from .models.blocks import Block, ConvAttnWrapper, ConvFFN, LayerNorm, WindowAttention, reflect_pad
+from .models.esc import PixelShuffleSkip
 from .models.esc_fp import DecomposedConvolutionalAttentionWrapper
 
 # Largest filter spectrum kept per frame size (bytes); tiles are sized to stay under it.
@@ -532,6 +533,18 @@ class FastBlock(nn.Module):
         return _conv_add(_nchw(_norm_rows(self.ln_out, _nhwc(x))), cast(nn.Conv2d, self.conv_out), skip)
 
 
+class FastShuffle(PixelShuffleSkip):
+    """The upsampler's pixel shuffle and nearest-neighbour skip as one pass of the native kernel, on
+    channels_last fp32 CPU data (else as `PixelShuffleSkip`). Returns a channels_last tensor."""
+
+    def forward(self, t: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        if NATIVE_MIX and _fused(t) and t.is_contiguous(memory_format=torch.channels_last):
+            out = native.shuffle_add(t.permute(0, 2, 3, 1), lr.permute(0, 2, 3, 1), self.scale)
+            if out is not None:
+                return _nchw(out)
+        return super().forward(t, lr)
+
+
 def _large_kernel(model: nn.Module) -> tuple[LargeKernelFFT, torch.Tensor | None]:
     """The model's shared large kernel as an FFT operator (and ESC-FP's 1x1 channel mix)."""
     plk = getattr(model, "plk_filter", None)
@@ -616,6 +629,10 @@ def accelerate(model: nn.Module) -> nn.Module:
     if not bodies:
         raise TypeError(f"{type(model).__name__} holds no ESC blocks to accelerate")
     tune_allocator()
+    for name, m in list(model.named_modules()):
+        if type(m) is PixelShuffleSkip:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, FastShuffle(m.scale))
     for body in bodies:
         if not any(isinstance(b, Block) for b in body.blocks):  # type: ignore[union-attr]
             continue  # already accelerated

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import native
 from .backends import build_network
 from .checkpoints import ModelDescriptor, load_model
 from .devices import resolve_device
@@ -204,11 +205,16 @@ class Upscaler:
         x = x.permute(0, 3, 1, 2).to(torch.float32)
         if peak != 1.0:
             x = x / peak
-        y = self.upscale_tensor(x, size).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        if peak != 1.0:
-            y = np.rint(y * peak).astype(batch.dtype)
+        out = self.upscale_tensor(x, size)
+        q = None
+        if peak != 1.0 and out.device.type == "cpu" and out.dtype == torch.float32:
+            # clamp, scale, round and narrow in one pass (the output is the largest array of the call)
+            q = native.quantize(out.permute(0, 2, 3, 1), torch.uint8 if peak == 255.0 else torch.uint16)
+        if q is not None:
+            y = q.numpy()
         else:
-            y = y.astype(batch.dtype)
+            y = out.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+            y = np.rint(y * peak).astype(batch.dtype) if peak != 1.0 else y.astype(batch.dtype)
         return y[0] if single else y
 
 

@@ -167,3 +167,39 @@ def test_benchmark_script_prints_every_kernel():
         row = next(line for line in lines if line.startswith(f"native {build}"))
         if "unavailable" not in row:
             assert float(row.split()[-1]) <= 1e-4  # max-abs against SDPA
+
+
+@needs_native
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_shuffle_add_equals_pixel_shuffle_of_the_skip(scale, threads):
+    g = torch.Generator().manual_seed(scale)
+    # cropped channels_last views (as a padded frame's), batch of two, odd sizes
+    t = torch.randn(2, 3 * scale * scale, 9, 12, generator=g).contiguous(memory_format=torch.channels_last)
+    lr = torch.randn(2, 3, 11, 13, generator=g).contiguous(memory_format=torch.channels_last)
+    t, lr = t[:, :, 1:8, 2:11], lr[:, :, 2:9, 1:10]
+    ref = F.pixel_shuffle(t + torch.repeat_interleave(lr, scale * scale, dim=1), scale)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = native.shuffle_add(t.permute(0, 2, 3, 1), lr.permute(0, 2, 3, 1), scale)
+    finally:
+        torch.set_num_threads(before)
+    assert ours is not None and ours.shape == (2, 7 * scale, 9 * scale, 3)
+    assert torch.equal(ours, ref.permute(0, 2, 3, 1))
+    # a layout the kernel does not take (NCHW-contiguous pixels) is declined, not misread
+    assert native.shuffle_add(t.contiguous().permute(0, 2, 3, 1), lr.permute(0, 2, 3, 1), scale) is None
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,peak", [(torch.uint8, 255), (torch.uint16, 65535)])
+def test_quantize_equals_clamp_scale_rint(dtype, peak):
+    g = torch.Generator().manual_seed(peak)
+    x = torch.rand(2, 10, 14, 3, generator=g) * 1.6 - 0.3
+    x[0, 1, 2] = torch.tensor([0.5 / peak, 1.5 / peak, 2.5 / peak])  # near ties: as numpy rounds them
+    view = x[:, 1:9, 2:13]
+    ours = native.quantize(view, dtype)
+    ref = np.rint(view.clamp(0, 1).numpy() * np.float32(peak))
+    assert ours is not None and ours.dtype == dtype and ours.is_contiguous()
+    assert np.array_equal(ours.numpy().astype(np.int64), ref.astype(np.int64))
+    assert native.quantize(view, torch.int16) is None

@@ -145,6 +145,12 @@ def _load(variant: str | None = None) -> ctypes.CDLL | None:
                 norm = lib.esc_layer_norm_rows
                 norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
                 norm.restype = ctypes.c_int
+                shuffle = lib.esc_shuffle_add
+                shuffle.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 9
+                shuffle.restype = ctypes.c_int
+                quantize = lib.esc_quantize
+                quantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 2
+                quantize.restype = ctypes.c_int
                 lib.esc_attention_train_supported.restype = ctypes.c_int
                 libs[variant] = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -292,6 +298,58 @@ def layer_norm_rows(
     fn = lib.esc_layer_norm_rows
     _run_parts(_window_parts(rows), lambda r0, r1: fn(*args, r0, r1))
     return y
+
+
+def _pixels_rows(x: torch.Tensor, channels: int) -> tuple[int, int] | None:
+    """(row stride, image stride) of an (N, H, W, channels) fp32 CPU tensor whose pixels are `channels`
+    contiguous floats one after another along a row, else None."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or x.shape[-1] != channels:
+        return None
+    if x.stride(3) != 1 or (x.shape[2] > 1 and x.stride(2) != channels):
+        return None
+    return x.stride(1), x.stride(0)
+
+
+def shuffle_add(t: torch.Tensor, lr: torch.Tensor, scale: int) -> torch.Tensor | None:
+    """`pixel_shuffle(t + repeat_interleave(lr, scale**2, dim=1), scale)` on NHWC data in one pass: t is
+    (N, H, W, 3*scale**2), lr (N, H, W, 3), both fp32 CPU with contiguous pixels (NHWC views of channels_last
+    tensors). Returns a new contiguous (N, H*scale, W*scale, 3) tensor, or None where the kernel is unavailable or
+    the layouts do not fit."""
+    lib = _load()
+    if lib is None or t.shape[:3] != lr.shape[:3]:
+        return None
+    ts, ls = _pixels_rows(t, 3 * scale * scale), _pixels_rows(lr, 3)
+    if ts is None or ls is None:
+        return None
+    n, h, w, _ = t.shape
+    out = torch.empty(n, h * scale, w * scale, 3, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    args = (t.data_ptr(), lr.data_ptr(), out.data_ptr(), h, w, scale, *ts, *ls)
+    fn = lib.esc_shuffle_add
+    _run_parts(_window_parts(n * h), lambda r0, r1: fn(*args, r0, r1))
+    return out
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """rint(clamp(x, 0, 1) * peak) as a new contiguous uint8 (peak 255) or uint16 (peak 65535) tensor, for an
+    (N, H, W, C) fp32 CPU x with contiguous pixels (a cropped NHWC view will do); None where the kernel is
+    unavailable or the layout does not fit."""
+    lib = _load()
+    bits = {torch.uint8: 8, torch.uint16: 16}.get(dtype)
+    if lib is None or bits is None or x.dim() != 4:
+        return None
+    strides = _pixels_rows(x, x.shape[-1])
+    if strides is None:
+        return None
+    n, h, w, c = x.shape
+    q = torch.empty(n, h, w, c, dtype=dtype)
+    if q.numel() == 0:
+        return q
+    args = (x.data_ptr(), q.data_ptr(), h, w, c, *strides, bits)
+    fn = lib.esc_quantize
+    _run_parts(_window_parts(n * h), lambda r0, r1: fn(*args, r0, r1))
+    return q
 
 
 def _window_parts(windows: int) -> list[tuple[int, int]]:

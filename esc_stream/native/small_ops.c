@@ -70,3 +70,74 @@ int esc_layer_norm_rows(const float *restrict x, float *restrict y, const float 
     }
     return 0;
 }
+
+/*
+ * The ESC upsampler's pixel shuffle with its nearest-neighbour skip, in one pass (esc_stream.fast.FastShuffle):
+ *
+ *     out[n, y*s + i, x*s + j, c] = t[n, y, x, (c*s + i)*s + j] + lr[n, y, x, c]
+ *
+ * t: (N, H, W, 3*s*s) NHWC fp32 (the last convolution's output); lr: (N, H, W, 3) NHWC fp32 (the input);
+ * out: (N, H*s, W*s, 3) NHWC fp32. Both inputs have contiguous pixels (channels innermost) and the given row and
+ * image strides (in floats), so channels_last views of padded frames need no copy. rows [r0, r1) of the N*H input
+ * rows. PyTorch's pixel_shuffle on channels_last data gathers element by element; here each output row is written
+ * once, in order.
+ */
+int esc_shuffle_add(const float *restrict t, const float *restrict lr, float *restrict out, int64_t h, int64_t w,
+                    int64_t s, int64_t t_row, int64_t t_img, int64_t lr_row, int64_t lr_img, int64_t r0,
+                    int64_t r1) {
+    if (s <= 0 || h <= 0 || w <= 0 || r0 < 0 || r1 < r0)
+        return 1;
+    const int64_t tc = 3 * s * s, out_w = w * s;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t n = r / h, y = r % h;
+        const float *trow = t + n * t_img + y * t_row;
+        const float *lrow = lr + n * lr_img + y * lr_row;
+        float *o = out + (n * h * s + y * s) * out_w * 3;
+        for (int64_t i = 0; i < s; i++) {
+            float *orow = o + i * out_w * 3;
+            for (int64_t x = 0; x < w; x++) {
+                const float *tp = trow + x * tc + i * s;
+                const float *lp = lrow + x * 3;
+                float *op = orow + x * s * 3;
+                for (int64_t j = 0; j < s; j++) {
+                    op[j * 3 + 0] = tp[j] + lp[0];
+                    op[j * 3 + 1] = tp[s * s + j] + lp[1];
+                    op[j * 3 + 2] = tp[2 * s * s + j] + lp[2];
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/*
+ * Float pixels in 0..1 to integers, as the upscaler returns uint8/uint16 frames: q = rint(clamp(v, 0, 1) * peak)
+ * (round half to even, as numpy's rint), in one pass. x: (N, H, W, C) fp32 with pixel stride C (channels
+ * contiguous) and the given row and image strides (a cropped view); q: contiguous (N, H, W, C) uint8 (bits 8) or
+ * uint16 (bits 16). rows [r0, r1) of the N*H rows.
+ */
+int esc_quantize(const float *restrict x, void *restrict q, int64_t h, int64_t w, int64_t c, int64_t x_row,
+                 int64_t x_img, int bits, int64_t r0, int64_t r1) {
+    if ((bits != 8 && bits != 16) || h <= 0 || w <= 0 || c <= 0 || r0 < 0 || r1 < r0)
+        return 1;
+    const float peak = bits == 8 ? 255.0f : 65535.0f;
+    const int64_t n_row = w * c;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *xr = x + (r / h) * x_img + (r % h) * x_row;
+        float v;
+        if (bits == 8) {
+            uint8_t *qr = (uint8_t *)q + r * n_row;
+            for (int64_t k = 0; k < n_row; k++) {
+                v = xr[k] > 0.0f ? (xr[k] < 1.0f ? xr[k] : 1.0f) : 0.0f;
+                qr[k] = (uint8_t)__builtin_rintf(v * peak);
+            }
+        } else {
+            uint16_t *qr = (uint16_t *)q + r * n_row;
+            for (int64_t k = 0; k < n_row; k++) {
+                v = xr[k] > 0.0f ? (xr[k] < 1.0f ? xr[k] : 1.0f) : 0.0f;
+                qr[k] = (uint16_t)__builtin_rintf(v * peak);
+            }
+        }
+    }
+    return 0;
+}
