@@ -17,6 +17,11 @@ class UserError(EscError, ValueError):
     """A bad argument or option (command-line flags, the VapourSynth filter's arguments, a demo control)."""
 
 
+class MemoryBudgetError(UserError):
+    """A frame or output size whose upscale would not fit in the memory available (esc_stream.budget); the
+    message names the size, the estimate and a --tile that fits, or says that even tiles cannot."""
+
+
 class CheckpointError(EscError, ValueError):
     """A file that cannot be used as an ESC checkpoint; the message names the file and the reason."""
 
@@ -53,6 +58,7 @@ __all__ = [
     "ExportError",
     "ImageError",
     "MediaError",
+    "MemoryBudgetError",
     "UserError",
     "VideoError",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,7 +75,14 @@ def _read_16bit_png(path: Path) -> Picture:
 
 def read_image(path: str | Path) -> Picture:
     """Read an image file as RGB (+ alpha), honouring EXIF orientation; 16-bit PNG stays 16-bit."""
-    path = Path(path)
+    with warnings.catch_warnings():
+        # a large picture is no attack here: whether it fits is esc_stream.budget's one-line answer (PIL still
+        # refuses, as an ImageError, pictures over twice its limit)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return _read_image(Path(path))
+
+
+def _read_image(path: Path) -> Picture:
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image file")
     if not path.is_file():

@@ -19,6 +19,9 @@ import pytest
 from media import nearest_weights
 from PIL import Image
 
+from esc_stream.budget import TILES, check_memory, estimate
+from esc_stream.errors import MemoryBudgetError, UserError
+
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
@@ -135,6 +138,11 @@ CASES = [
     ("silent_stdin", "stream", "no data from stdin within 1 s (--timeout)"),
     ("silent_tcp_listen_nobody_connects", "stream", "within 1 s (--timeout)"),
     ("silent_tcp_sender", "stream", "within 1 s (--timeout)"),
+    # memory estimated before the model runs (esc_stream/budget.py); the 3 GiB cap makes the answer machine-free
+    ("image_too_large_for_memory", "image", "3000x3000 at x2 needs about"),
+    ("image_tile_too_large_for_memory", "image", "3000x3000 at x2 with --tile 2048 needs about"),
+    ("output_size_too_large_for_memory", "image", "32x24 -> 99999x99999 needs about"),
+    ("video_output_size_too_large_for_memory", "transcode", "64x48 -> 99998x99998 needs about"),
 ]
 
 
@@ -174,6 +182,18 @@ def test_hostile_input_is_one_line_and_exit_2(tmp_path, weights, case, command, 
         src = "-"
     elif case.startswith("silent_tcp"):
         src = f"tcp://127.0.0.1:{_free_port()}?listen"
+    env = None
+    if case.endswith("too_large_for_memory"):
+        env = {**os.environ, "ESC_STREAM_MEMORY_LIMIT": "3G"}
+        if case.startswith("image_"):
+            src = tmp_path / "big.png"
+            Image.fromarray(np.zeros((3000, 3000, 3), np.uint8)).save(src, compress_level=1)
+        if case.startswith("image_tile"):
+            extra = ["--tile", "2048"]
+        if case.startswith("output_size"):
+            extra = ["--size", "99999x99999"]
+        if case.startswith("video_output_size"):
+            extra = ["--size", "99998x99998"]
     args = [command, str(src)] if command == "probe" else [command, str(src), str(dst), "--weights", str(weights)]
     if command == "transcode":
         args.append("--quiet")
@@ -188,13 +208,22 @@ def test_hostile_input_is_one_line_and_exit_2(tmp_path, weights, case, command, 
         with _silent_sender(int(str(src).split(":")[-1].split("?")[0])):
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     else:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("esc-video:")]
     assert proc.returncode == 2, proc.stderr
     assert len(errors) == 1 and expect in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
     if ro is not None:
         assert str(ro) in errors[0] and ".tmp" not in errors[0] and ".partial" not in errors[0]
+    if case.endswith("too_large_for_memory"):
+        assert "(estimate), more than the 3.0 GiB of RAM available" in errors[0]
+        if "output_size" in case:  # the output alone is far over: no tile size helps, and the line says so
+            assert "no --tile helps" in errors[0]
+        else:  # a smaller --tile is suggested; the next step up would not fit
+            n = int(errors[0].split("try --tile ")[1].split()[0])  # esc_small: 48 channels, 16-pixel windows
+            bigger = TILES[TILES.index(n) - 1]
+            fits, too_big = (estimate(3000, 3000, 2, 48, tile=t).total for t in (n, bigger))
+            assert fits <= 3 * 2**30 < too_big
     if command == "stream":
         assert f"no data from {'stdin' if src == '-' else src} within" in errors[0]
         assert not Path(f"{dst}.partial").exists()
@@ -259,3 +288,25 @@ def test_grayscale_png_comes_back_grayscale(tmp_path, weights, bits):
         out = frame.to_ndarray()
     # the seeded model is an exact nearest-neighbour upscale: the grey levels come back as they went in
     assert out.shape == (48, 64) and np.array_equal(out[::2, ::2], grey)
+
+
+def test_memory_estimate_suggests_the_largest_tile_that_fits():
+    """The suggested --tile is the largest of TILES whose estimate fits; the next larger one does not; the error is
+    a UserError (exit 2) whose line names the size and the estimate."""
+    from types import SimpleNamespace
+
+    up = SimpleNamespace(
+        scale=2, model=SimpleNamespace(out_dim=48), window_size=16, overlap=64, tile=None, device="cpu"
+    )
+    w = h = 12000
+    free = 26 * 2**30
+    with pytest.raises(MemoryBudgetError) as caught:
+        check_memory(up, w, h, available=(free, free), what="big.png")
+    line = str(caught.value)
+    assert isinstance(caught.value, UserError) and "\n" not in line
+    assert line.startswith("big.png: 12000x12000 at x2 needs about") and "26.0 GiB of RAM available" in line
+    n = int(line.split("try --tile ")[1].split()[0])
+    assert n < TILES[0]
+    assert estimate(w, h, 2, 48, tile=n).total <= free < estimate(w, h, 2, 48, tile=TILES[TILES.index(n) - 1]).total
+    assert estimate(w, h, 2, 48).total > free  # the whole frame does not fit
+    assert check_memory(up, 640, 360, available=(free, free)).total < free  # a small frame passes

@@ -22,6 +22,7 @@ def add_parser(sub: Any) -> None:
 def cmd_image(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ..budget import check_memory
     from ..images import check_output, read_image, upscale_picture, write_image
     from ..video.colour import target_size
 
@@ -33,9 +34,11 @@ def cmd_image(args: argparse.Namespace) -> int:
     check_output(dst, bits)
     up = load_upscaler(args)
     h, w = pic.rgb.shape[:2]
-    t0 = time.perf_counter()
     size = requested_size(args, (w, h))
     exact = target_size(w, h, None, size)[:2] if size else None
+    # refused before the model runs when it cannot fit, with a --tile that does; alpha: the RGB output is held
+    check_memory(up, w, h, out_size=exact, in_flight=int(pic.alpha is not None), what=str(src))
+    t0 = time.perf_counter()
     out = upscale_picture(up, pic, exact)
     dt = time.perf_counter() - t0
     write_image(dst, out)

@@ -104,9 +104,14 @@ def cmd_transcode(args: argparse.Namespace) -> int:
 
         return transcode_on_ray(args, opts)
     up = load_upscaler(args)
+    if info is not None:  # a live input's size is known once it starts: stream/transcode check it there
+        from ..budget import check_memory
+
+        out_w, out_h, _ = output_geometry(info, up.scale, opts)
+        # refused before the model runs when a frame cannot fit; the pipeline's queue holds `depth` more outputs
+        check_memory(up, info.width, info.height, out_size=(out_w, out_h), in_flight=opts.depth + 1, what=str(src))
     if not args.quiet and info is not None:
         print(info.describe(), file=sys.stderr)
-        out_w, out_h, _ = output_geometry(info, up.scale, opts)
         resample = "" if (out_w, out_h) == (info.width * up.scale, info.height * up.scale) else ", then Lanczos"
         print(f"-> {dst}: {out_w}x{out_h} with {up.variant} x{up.scale}{resample} [{up.source}]",
               file=sys.stderr)  # fmt: skip

@@ -30,6 +30,7 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation
 
+from ..budget import check_memory
 from ..errors import VideoError
 from .colour import frame_to_rgb
 from .encode import (
@@ -547,6 +548,13 @@ def stream(
     if source.error is not None:
         raise source.error
     info = cast(VideoInfo, source.info)
+    try:  # the first frame's size is known now: refused before the output exists if it cannot fit
+        out_w, out_h, _ = output_geometry(info, upscaler.scale, opts)
+        check_memory(upscaler, info.width, info.height, out_size=(out_w, out_h), in_flight=opts.depth + 2,
+                     what="stdin" if src == "-" else src)  # fmt: skip
+    except BaseException:
+        stop.set()  # the reader, waiting for the go, ends
+        raise
     out, target = _open_output(dst, fmt, opts.timeout)
     stats.output = "stdout" if dst == "-" else dst
     finished = threading.Event()
