@@ -22,9 +22,9 @@ estimate), then rounded up. Peak RSS added by one call (CPU, fp32, uint8 frames;
     esc_medium x2  512^2 whole 424 MiB (est. 2.28x)   1024^2 whole 1176 (1.66x)
     esc x2 (64 ch) 256^2 whole 369 MiB (est. 2.02x)    512^2 whole  530 (2.01x); esc_light x4 512^2 528 (2.20x)
 
-On CUDA, the network's
-share is checked against the device's free memory (torch.cuda.mem_get_info) and the frame's copies against the
-host's; on the CPU all of it against MemAvailable (psutil when installed, else /proc/meminfo).
+On CUDA, the network's share is checked against the device's free memory (torch.cuda.mem_get_info) and the
+frame's copies against the host's; on the CPU all of it against MemAvailable (psutil when installed, else
+/proc/meminfo), no more than a cgroup v2 limit leaves, nor than ESC_STREAM_MEMORY_LIMIT.
 """
 
 from __future__ import annotations
