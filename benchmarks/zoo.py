@@ -37,6 +37,7 @@ from esc_stream.upscaler import embedded_models  # noqa: E402
 
 PEERS = ROOT.parent / "shared" / "peers"
 SIZES = ((320, 180), (640, 360))
+IDLE = 0.05  # seconds between timed calls (see speeds)
 Frame = Callable[[np.ndarray], np.ndarray]  # uint8 HxWx3 RGB -> uint8 RGB, upscaled
 
 
@@ -75,6 +76,9 @@ def speeds(fns: dict[str, Frame], frame: np.ndarray, repeat: int) -> dict[str, f
         fn(frame)
     for _ in range(repeat):
         for name, fn in fns.items():
+            # a short idle first: PyTorch's OpenMP threads and OpenCV's pool both spin for a while after a call,
+            # and whichever runs next in this process would otherwise pay for the other's spinning
+            time.sleep(IDLE)
             t0 = time.perf_counter()
             fn(frame)
             times[name].append(time.perf_counter() - t0)

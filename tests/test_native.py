@@ -203,3 +203,20 @@ def test_quantize_equals_clamp_scale_rint(dtype, peak):
     assert ours is not None and ours.dtype == dtype and ours.is_contiguous()
     assert np.array_equal(ours.numpy().astype(np.int64), ref.astype(np.int64))
     assert native.quantize(view, torch.int16) is None
+
+
+@needs_native
+def test_a_compiler_without_openmp_gives_a_build_on_the_thread_pool(monkeypatch, tmp_path):
+    cc = tmp_path / "cc-no-openmp"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("ESC_STREAM_NATIVE", "avx2")
+    monkeypatch.setenv("ESC_STREAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(cc))
+    assert native.available()
+    lib = native._load()
+    assert lib is not None and not native._openmp(lib)
+    x = torch.rand(1, 6, 7, 3)
+    q = native.quantize(x, torch.uint8)  # runs on the pool
+    assert q is not None and torch.equal(q, (x * 255).round().to(torch.uint8))

@@ -12,7 +12,12 @@ forward pass keeps one log-sum-exp per query and the backward pass recomputes th
 never stores a (tokens x tokens) matrix per window. `WindowAttention` uses it when it trains on a CPU
 (`training_available()`); elsewhere training keeps `scaled_dot_product_attention`.
 
-The shared object (both files) is cached per source, flags and compiler under $ESC_STREAM_CACHE (default
+Built with OpenMP where the compiler has it, the kernels run on PyTorch's own OpenMP threads (parallel.h): a
+separate pool competed with those threads, which spin after each operator, and the kernels of the fast model
+ran no faster on 2 threads than on 1 (27 ms per 320x180 frame either way; 14 ms on the shared team). A child
+forked off the process, or a build without OpenMP, uses a thread pool instead.
+
+The shared object (every source file) is cached per source, flags and compiler under $ESC_STREAM_CACHE (default
 ~/.cache/esc-stream), written to a temporary name and renamed, so concurrent processes never load a
 half-written file.
 """
@@ -42,7 +47,7 @@ TRAIN_SOURCE = Path(__file__).with_name("attention_train.c")
 # the fast path's small-channel operations: per-frequency channel mixing and per-pixel LayerNorm (small_ops.c)
 MIX_SOURCE = Path(__file__).with_name("small_ops.c")
 SOURCES = (SOURCE, TRAIN_SOURCE, MIX_SOURCE)
-HEADERS = (Path(__file__).with_name("simd_exp2.h"),)
+HEADERS = (Path(__file__).with_name("simd_exp2.h"), Path(__file__).with_name("parallel.h"))
 HEAD_SIZE = 16  # the kernel's head size (every published ESC variant uses 16)
 LOG2E = 1.0 / math.log(2.0)
 _FLAGS = ["-O3", "-shared", "-fPIC", "-DNDEBUG"]
@@ -72,11 +77,22 @@ def cache_dir() -> Path:
 
 
 def _build(variant: str) -> Path:
-    """Compile one build of the kernel into the cache (when not there yet); returns the shared object's path."""
+    """Compile one build of the kernel into the cache (when not there yet); returns the shared object's path.
+    With OpenMP where the compiler has it (the kernels then run on PyTorch's OpenMP threads; parallel.h), else
+    without."""
+    try:
+        return _compile(variant, ["-fopenmp"])
+    except RuntimeError as exc:
+        if str(exc) == "no C compiler":
+            raise
+        return _compile(variant, [])
+
+
+def _compile(variant: str, extra: list[str]) -> Path:
     cc = shlex.split(os.environ.get("CC") or "cc")
     if shutil.which(cc[0]) is None:
         raise RuntimeError("no C compiler")
-    flags = _FLAGS + VARIANTS[variant][0]
+    flags = _FLAGS + VARIANTS[variant][0] + extra
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     text = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
     key = hashlib.sha256(text + " ".join(cc + flags).encode() + version.encode()).hexdigest()[:16]
@@ -152,6 +168,13 @@ def _load(variant: str | None = None) -> ctypes.CDLL | None:
                 quantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 2
                 quantize.restype = ctypes.c_int
                 lib.esc_attention_train_supported.restype = ctypes.c_int
+                i64, ptr, par = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+                lib.esc_window_attention_par.argtypes = [ptr] * 3 + [i64] * 4 + [ctypes.c_float, par]
+                lib.esc_spectral_mix_par.argtypes = [ptr] * 3 + [i64] * 5 + [par]
+                lib.esc_layer_norm_rows_par.argtypes = [ptr] * 4 + [i64, ctypes.c_float, i64, i64, par]
+                lib.esc_shuffle_add_par.argtypes = [ptr] * 3 + [i64] * 9 + [par]
+                lib.esc_quantize_par.argtypes = [ptr] * 2 + [i64] * 5 + [ctypes.c_int, i64, i64, par]
+                lib.esc_openmp.restype = ctypes.c_int
                 libs[variant] = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 libs[variant] = None
@@ -248,6 +271,10 @@ def window_attention(
     out = torch.empty(qkv.shape[0], channels, dtype=qkv.dtype)
     args = (qkv.data_ptr(), bias.data_ptr(), out.data_ptr(), channels, tokens)
     scale2 = float(scale) * LOG2E
+    if _openmp(lib):
+        code = lib.esc_window_attention_par(*args, windows, heads, scale2, torch.get_num_threads())
+        _check(code)
+        return out
     # Threads split the heads when there are enough (each then reads only its heads' bias), else the windows.
     workers = max(1, min(torch.get_num_threads(), heads * windows))
     if workers >= 2 and heads % workers == 0:
@@ -275,8 +302,7 @@ def spectral_mix(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
         raise ValueError(f"spectra do not match: x {tuple(x.shape)}, s {tuple(s.shape)}")
     y = torch.empty(f, co, cols, dtype=torch.float32)
     args = (x.data_ptr(), s.data_ptr(), y.data_ptr(), ci, co, cols)
-    fn = lib.esc_spectral_mix
-    _run_parts(_window_parts(f), lambda f0, f1: fn(*args, f0, f1))
+    _run_range(lib, "esc_spectral_mix", args, f)
     return y
 
 
@@ -295,8 +321,7 @@ def layer_norm_rows(
         weight, bias = weight.float().contiguous(), (bias if bias is not None else torch.zeros(c)).float().contiguous()
     args = (x.data_ptr(), y.data_ptr(), 0 if weight is None else weight.data_ptr(),
             0 if bias is None or weight is None else bias.data_ptr(), c, float(eps))  # fmt: skip
-    fn = lib.esc_layer_norm_rows
-    _run_parts(_window_parts(rows), lambda r0, r1: fn(*args, r0, r1))
+    _run_range(lib, "esc_layer_norm_rows", args, rows)
     return y
 
 
@@ -326,8 +351,7 @@ def shuffle_add(t: torch.Tensor, lr: torch.Tensor, scale: int) -> torch.Tensor |
     if out.numel() == 0:
         return out
     args = (t.data_ptr(), lr.data_ptr(), out.data_ptr(), h, w, scale, *ts, *ls)
-    fn = lib.esc_shuffle_add
-    _run_parts(_window_parts(n * h), lambda r0, r1: fn(*args, r0, r1))
+    _run_range(lib, "esc_shuffle_add", args, n * h)
     return out
 
 
@@ -347,8 +371,7 @@ def quantize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     if q.numel() == 0:
         return q
     args = (x.data_ptr(), q.data_ptr(), h, w, c, *strides, bits)
-    fn = lib.esc_quantize
-    _run_parts(_window_parts(n * h), lambda r0, r1: fn(*args, r0, r1))
+    _run_range(lib, "esc_quantize", args, n * h)
     return q
 
 
@@ -359,6 +382,32 @@ def _window_parts(windows: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
 
+_IMPORT_PID = os.getpid()
+
+
+def _openmp(lib: ctypes.CDLL) -> bool:
+    """Whether the kernels run on the OpenMP team shared with PyTorch (parallel.h): where the build has OpenMP,
+    and not in a child forked off this process (GNU OpenMP's team does not survive fork; the child takes the
+    thread pool, which is made again per process)."""
+    return bool(lib.esc_openmp()) and os.getpid() == _IMPORT_PID
+
+
+def _check(code: int) -> None:
+    if code:
+        raise MemoryError("native window attention: out of memory for its work buffers")
+
+
+def _run_range(lib: ctypes.CDLL, name: str, args: tuple[object, ...], total: int) -> None:
+    """The kernel `name`(*args, start, end) over [0, total): one call on PyTorch's OpenMP threads, or parts on the
+    thread pool where the build has no OpenMP."""
+    if _openmp(lib):
+        if total > 0:
+            _check(getattr(lib, name + "_par")(*args, 0, total, torch.get_num_threads()))
+        return
+    fn = getattr(lib, name)
+    _run_parts(_window_parts(total), lambda a, b: fn(*args, a, b))
+
+
 def _run_parts(parts: Sequence[tuple[int, ...]], call: Callable[..., int]) -> None:
     """call(*part) for every part, in parallel on the pool (ctypes releases the GIL for the call)."""
     if not parts:  # no windows: nothing to do
@@ -367,8 +416,7 @@ def _run_parts(parts: Sequence[tuple[int, ...]], call: Callable[..., int]) -> No
         codes = [call(*parts[0])]
     else:
         codes = list(_pool(len(parts)).map(lambda p: call(*p), parts))
-    if any(codes):
-        raise MemoryError("native window attention: out of memory for its work buffers")
+    _check(int(any(codes)))
 
 
 def _train_lib() -> ctypes.CDLL:

@@ -141,3 +141,28 @@ int esc_quantize(const float *restrict x, void *restrict q, int64_t h, int64_t w
     }
     return 0;
 }
+
+/* The kernels above with their range split over the OpenMP team (parallel.h); `threads` is the team size. */
+#include "parallel.h"
+
+int esc_openmp(void) { return ESC_OPENMP; }
+
+int esc_spectral_mix_par(const float *x, const float *s, float *y, int64_t ci, int64_t co, int64_t cols, int64_t f0,
+                         int64_t f1, int threads) {
+    ESC_PARALLEL_RANGE(f0, f1, a, b, esc_spectral_mix(x, s, y, ci, co, cols, a, b));
+}
+
+int esc_layer_norm_rows_par(const float *x, float *y, const float *weight, const float *bias, int64_t c, float eps,
+                            int64_t r0, int64_t r1, int threads) {
+    ESC_PARALLEL_RANGE(r0, r1, a, b, esc_layer_norm_rows(x, y, weight, bias, c, eps, a, b));
+}
+
+int esc_shuffle_add_par(const float *t, const float *lr, float *out, int64_t h, int64_t w, int64_t s, int64_t t_row,
+                        int64_t t_img, int64_t lr_row, int64_t lr_img, int64_t r0, int64_t r1, int threads) {
+    ESC_PARALLEL_RANGE(r0, r1, a, b, esc_shuffle_add(t, lr, out, h, w, s, t_row, t_img, lr_row, lr_img, a, b));
+}
+
+int esc_quantize_par(const float *x, void *q, int64_t h, int64_t w, int64_t c, int64_t x_row, int64_t x_img,
+                     int bits, int64_t r0, int64_t r1, int threads) {
+    ESC_PARALLEL_RANGE(r0, r1, a, b, esc_quantize(x, q, h, w, c, x_row, x_img, bits, a, b));
+}

@@ -182,3 +182,14 @@ int esc_window_attention(const float *qkv, const float *bias, float *out, int64_
     free(stage);
     return 0;
 }
+
+#include "parallel.h"
+
+/* The whole call on the OpenMP team (parallel.h): threads take whole heads where they divide evenly (each then
+ * reads only its heads' bias), else consecutive windows. */
+int esc_window_attention_par(const float *qkv, const float *bias, float *out, int64_t channels, int64_t n,
+                             int64_t windows, int64_t heads, float scale2, int threads) {
+    if (threads >= 2 && heads % threads == 0)
+        ESC_PARALLEL_RANGE(0, heads, a, b, esc_window_attention(qkv, bias, out, channels, n, 0, windows, a, b, scale2));
+    ESC_PARALLEL_RANGE(0, windows, a, b, esc_window_attention(qkv, bias, out, channels, n, a, b, 0, heads, scale2));
+}
