@@ -1,12 +1,13 @@
 """Peak memory (RSS) of `esc-video image`, `transcode` and `stream` at 960x540 -> 1920x1080, whole frame and tiled.
 
-    python benchmarks/memory.py [--model balanced|fast] [--frames 3] [--tile 256] [--threads 2]
+    python benchmarks/memory.py [--model balanced|fast] [--frames 3] [--tile 256] [--threads 2] [--runs transcode]
 
 Each command runs in its own process (a fresh interpreter, as a user runs it); its peak resident set size is read
 from the kernel's accounting of that child (`getrusage(RUSAGE_CHILDREN).ru_maxrss` in a wrapper process), so
 nothing of this script's own memory counts. The inputs are made here: a 960x540 still and a `--frames` long
 960x540 clip, both from the real camera frames of realvideo_demo000 (or examples/ when ../shared is absent).
-Printed per run: peak RSS in MB, wall seconds, and the exit status.
+Printed per run: peak RSS in MB, wall seconds, and the exit status; first, the same for `import torch` alone (the
+baseline every run pays).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=3, help="frames in the test clip (default 3)")
     ap.add_argument("--tile", type=int, default=256, help="the tiled runs' --tile (default 256)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", default="image,transcode,stream", help="which commands to run (default all three)")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     cli = [str(Path(sys.executable).with_name("esc-video"))]
@@ -83,7 +85,12 @@ def main() -> None:
             "stream": [*cli, "stream", str(clip), str(d / "out.mkv"), "--overwrite", "--quiet", *common],
         }
         print(f"peak RSS, 960x540 -> 1920x1080, model {args.model}, {args.frames} frames, {args.threads} threads")
+        # what every run pays before any frame: the interpreter and `import torch` (a CUDA build maps its libraries)
+        mb, sec, rc, _ = peak([sys.executable, "-c", "import torch"], env)
+        print(f"  {'baseline':<10} {'import torch':<12} {mb:8.0f} MB  {sec:7.1f} s  exit {rc}", flush=True)
         for name, cmd in runs.items():
+            if name not in args.runs.split(","):
+                continue
             for tiled in (False, True):
                 (d / "out.png").unlink(missing_ok=True)
                 mb, sec, rc, last = peak(cmd + (["--tile", str(args.tile)] if tiled else []), env)

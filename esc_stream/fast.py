@@ -65,6 +65,8 @@ NATIVE_MIX = os.environ.get("ESC_STREAM_NATIVE_MIX", "1") != "0"
 # Spectra kept for the most recent frame sizes (tiles at frame borders have their own sizes).
 CACHE_SIZES = 32
 CACHE_BYTES = 4 * SPECTRUM_BUDGET
+# A spectrum is made in bands of frequency rows whose float64 values take at most this many bytes.
+SPECTRUM_BAND_BYTES = 4 * 2**20
 
 
 def next_fast_even(n: int) -> int:
@@ -111,6 +113,7 @@ class _SizePlan:
     spectrum: torch.Tensor  # dense real: (F, I, O); dense complex: (F, I, O); depthwise: (O, Fh, Fw)
     dyn_rows: torch.Tensor  # (Fh, d) complex64: DFT matrices for the dynamic kernel
     dyn_cols: torch.Tensor  # (Fw, d)
+    dtype: torch.dtype  # the data type it serves
 
 
 class LargeKernelFFT:
@@ -150,28 +153,50 @@ class LargeKernelFFT:
         return plan
 
     def _cached_bytes(self) -> int:
-        return sum(p.spectrum.numel() * p.spectrum.element_size() for p in self._plans.values())
+        """Bytes of the cached spectra (sizes with the same FFT lengths share one)."""
+        unique = {id(p.spectrum): p.spectrum for p in self._plans.values()}
+        return sum(s.numel() * s.element_size() for s in unique.values())
 
     def _make_plan(self, h: int, w: int, dtype: torch.dtype, device: torch.device) -> _SizePlan:
         rows, cols = plan_axis(h, self.k - 1, self.max_fft), plan_axis(w, self.k - 1, self.max_fft)
-        ey = centred_dft(rows.nfft, self.k, half=False)
-        ex = centred_dft(cols.nfft, self.k, half=True)
-        kernel = self.weight.to(torch.complex128)
-        spec = torch.einsum("fa,...ab,gb->fg...", ey, kernel, ex)  # (Fh, Fw, O, I, ...) full precision
+        for p in self._plans.values():  # the spectrum depends on the FFT lengths only, not on the frame size
+            s = p.spectrum
+            if (p.rows.nfft, p.cols.nfft) == (rows.nfft, cols.nfft) and s.device == device and p.dtype == dtype:
+                return _SizePlan(rows, cols, s, p.dyn_rows, p.dyn_cols, dtype)
         cdtype = torch.complex64 if dtype != torch.float64 else torch.complex128
-        if self.mode == "dense":
-            spec = spec.reshape(spec.shape[0] * spec.shape[1], *spec.shape[2:4]).transpose(1, 2)  # (F, I, O)
-            spec = spec.real.to(dtype) if self.real else spec.to(cdtype)
-        else:
-            spec = spec[..., 0].permute(2, 0, 1).to(cdtype)  # (C, Fh, Fw)
         d = self.dyn_size
         return _SizePlan(
             rows,
             cols,
-            spec.contiguous().to(device),
+            self._spectrum(rows.nfft, cols.nfft, dtype, cdtype).to(device),
             centred_dft(rows.nfft, d, half=False).to(cdtype).to(device),
             centred_dft(cols.nfft, d, half=True).to(cdtype).to(device),
+            dtype,
         )
+
+    def _spectrum(self, nfft_h: int, nfft_w: int, dtype: torch.dtype, cdtype: torch.dtype) -> torch.Tensor:
+        """The filter spectrum at (nfft_h, nfft_w) points, computed in float64 and stored in `dtype` (real) or
+        `cdtype`: dense (F, I, O), depthwise (C, Fh, Fw). The column DFT is applied first (a small
+        (O, I, k, Fw) array), then the row DFT a band of rows at a time, each band cast into the result as it
+        is made: the full-precision spectrum (4x the stored one) never exists at once."""
+        ey = centred_dft(nfft_h, self.k, half=False)  # (Fh, k)
+        ex = centred_dft(nfft_w, self.k, half=True)  # (Fw, k)
+        fh, fw = ey.shape[0], ex.shape[0]
+        if self.real:  # a kernel symmetric under flips: the imaginary parts cancel, the cosines suffice
+            ey, ex = ey.real.contiguous(), ex.real.contiguous()
+        cols = torch.einsum("oiab,gb->oiag", self.weight.to(ex.dtype), ex)  # (O, I, k, Fw)
+        o, i = cols.shape[:2]
+        band = max(1, SPECTRUM_BAND_BYTES // (fw * o * i * cols.element_size()))
+        if self.mode == "dense":
+            out = torch.empty(fh, fw, i, o, dtype=dtype if self.real else cdtype)
+            for f0 in range(0, fh, band):
+                part = torch.einsum("fa,oiag->fgio", ey[f0 : f0 + band], cols)
+                out[f0 : f0 + band].copy_(part)
+            return out.view(fh * fw, i, o)
+        out = torch.empty(o, fh, fw, dtype=cdtype)
+        for f0 in range(0, fh, band):
+            out[:, f0 : f0 + band].copy_(torch.einsum("fa,cag->cfg", ey[f0 : f0 + band], cols[:, 0]))
+        return out
 
     def __call__(self, x: torch.Tensor, dyn: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W) any layout; dyn: (B*O, 1, d, d) or None. Returns (B, O, H, W) contiguous."""
@@ -530,7 +555,8 @@ class FastBlock(nn.Module):
         window_attention_add_(cast(WindowAttention, self.attn), self.ln_attn, x)
         for pconv in self.pconvs:
             x = pconv(x)
-        return _conv_add(_nchw(_norm_rows(self.ln_out, _nhwc(x))), cast(nn.Conv2d, self.conv_out), skip)
+        x = _nchw(_norm_rows(self.ln_out, _nhwc(x)))  # the residual is freed before conv_out's result is made
+        return _conv_add(x, cast(nn.Conv2d, self.conv_out), skip)
 
 
 class FastShuffle(PixelShuffleSkip):

@@ -21,12 +21,29 @@ def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
-def plan_tiles(length: int, core: int, context: int) -> list[tuple[int, int, int, int]]:
-    """Along one axis of (padded) `length`: (tile_start, tile_end, core_start, core_end) per tile."""
-    out = []
-    for c0 in range(0, length, core):
-        c1 = min(c0 + core, length)
+def plan_tiles(length: int, core: int, context: int, align: int | None = None) -> list[tuple[int, int, int, int]]:
+    """Along one axis of (padded) `length`: (tile_start, tile_end, core_start, core_end) per tile.
+
+    As few cores of at most `core` as cover `length`, as equal as whole units of `align` allow (default `core`:
+    full cores and one remainder); units left over go to the cores in pairs from both ends (and one in the middle),
+    so the first and last tiles (context on one side) and the inner ones (both sides) come in few sizes: every
+    tile size is a size of every activation and of a large-kernel FFT spectrum, each kept for reuse.
+    """
+    unit = max(1, align or core)
+    units, per_core = -(-length // unit), max(1, core // unit)
+    n = -(-units // per_core)
+    base, extra = divmod(units, n)
+    sizes = [base] * n
+    for i in range(extra // 2):
+        sizes[i] += 1
+        sizes[n - 1 - i] += 1
+    if extra % 2:
+        sizes[n // 2] += 1
+    out, c0 = [], 0
+    for size in sizes:
+        c1 = min(c0 + size * unit, length)
         out.append((max(0, c0 - context), min(length, c1 + context), c0, c1))
+        c0 = c1
     return out
 
 
@@ -47,8 +64,8 @@ def upscale_tensor(
     core = max(window, (tile // window) * window)
     ctx = _round_up(max(context, 0), window)
     out = x.new_empty((n, c, ph * scale, pw * scale))
-    for y0, y1, cy0, cy1 in plan_tiles(ph, core, ctx):
-        for x0, x1, cx0, cx1 in plan_tiles(pw, core, ctx):
+    for y0, y1, cy0, cy1 in plan_tiles(ph, core, ctx, window):
+        for x0, x1, cx0, cx1 in plan_tiles(pw, core, ctx, window):
             res = net(padded[:, :, y0:y1, x0:x1])
             oy, ox = (cy0 - y0) * scale, (cx0 - x0) * scale
             out[:, :, cy0 * scale : cy1 * scale, cx0 * scale : cx1 * scale] = res[

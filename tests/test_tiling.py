@@ -72,3 +72,26 @@ def test_reflect_pad_beyond_size_is_symmetric_extension():
     out = reflect_pad(x, 0, 7)
     assert out.flatten().tolist() == [0, 1, 2, 1, 0, 1, 2, 1, 0, 1]
     assert reflect_pad(torch.ones(1, 1, 1, 1), 3, 2).shape == (1, 1, 4, 3)
+
+
+def test_plan_tiles_balances_window_aligned_cores():
+    # 540p padded to 544 rows, --tile 256, context 64, 16-pixel windows: three cores of 176/192/176 rows, not
+    # 256/256/32, so the tiles come in two sizes (240 and 320 rows), every origin stays on the window grid
+    plan = plan_tiles(544, 256, 64, 16)
+    assert [(c0, c1) for _, _, c0, c1 in plan] == [(0, 176), (176, 368), (368, 544)]
+    assert sorted({t1 - t0 for t0, t1, _, _ in plan}) == [240, 320]
+    for length, core, ctx, align in [(960, 256, 64, 16), (257, 64, 32, 16), (31, 32, 0, 8), (1000, 96, 32, 32)]:
+        plan = plan_tiles(length, core, ctx, align)
+        assert len(plan) == -(-length // core)  # no more tiles than full cores would take
+        assert plan[0][2] == 0 and plan[-1][3] == length
+        assert all(a[3] == b[2] for a, b in zip(plan, plan[1:], strict=False))  # cores tile the axis exactly
+        assert all(c1 - c0 <= core and c0 % align == 0 and t0 % align == 0 for t0, _, c0, c1 in plan)
+
+
+def test_tiled_matches_whole_frame_with_balanced_cores(light):
+    x = _image(160, 96)  # 5 x 3 windows of 32: tile=64 gives cores of 2, 1, 2 windows down and 2, 1 across
+    assert [c1 - c0 for _, _, c0, c1 in plan_tiles(160, 64, 64, 32)] == [64, 32, 64]
+    with torch.inference_mode():
+        whole = upscale_tensor(light, x, 2, 32)
+        tiled = upscale_tensor(light, x, 2, 32, tile=64, context=64)
+    assert (tiled - whole).abs().max() <= 1e-3

@@ -52,7 +52,7 @@ class ESCBody(nn.Module):
         lk = self.lk_filter()
         for block in self.blocks:
             feat = block(feat, lk)
-        return self.last(feat) + skip
+        return self.last(feat).add_(skip)  # in place: one frame-sized tensor fewer at the peak
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
