@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from .fast import release_free_heap
 from .models.blocks import reflect_pad
 
 Network = Callable[[torch.Tensor], torch.Tensor]
@@ -71,4 +72,7 @@ def upscale_tensor(
             out[:, :, cy0 * scale : cy1 * scale, cx0 * scale : cx1 * scale] = res[
                 :, :, oy : oy + (cy1 - cy0) * scale, ox : ox + (cx1 - cx0) * scale
             ]
+            del res
+            if x.device.type == "cpu":  # the tile's freed activations: back to the system, not left as holes
+                release_free_heap()
     return out[:, :, : h * scale, : w * scale]
