@@ -269,6 +269,9 @@ def load(
     `allow_random=True` (tests only) gives esc_small with random weights instead (`Upscaler.pretrained` False).
     `backend` is one of `esc_stream.backends.BACKENDS` (default torch).
     """
+    if weights is not None and not isinstance(weights, str | Path):
+        hint = f"; for an embedded model write load(scale={weights})" if isinstance(weights, int) else ""
+        raise UserError(f"weights must be a checkpoint path, got {weights!r}{hint}")
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
         raise UserError(f"tile must be a positive number of pixels, got {tile!r}")
     if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
