@@ -124,6 +124,18 @@ def test_impossible_scales_are_refused(scale):
         esc_stream.load(scale=scale)
 
 
+def test_a_scale_given_as_the_weights_argument_is_explained():
+    with pytest.raises(ValueError, match=r"weights must be a checkpoint path, got 2; .* load\(scale=2\)"):
+        esc_stream.load(2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("model", ["fast", "balanced"])
+def test_the_family_is_complete(scale, model):
+    up = esc_stream.load(scale=scale, model=model)
+    assert up.pretrained and up.scale == scale
+
+
 def test_unknown_model_names_the_valid_ones():
     with pytest.raises(ValueError, match="unknown model 'turbo'; choose one of: fast, balanced"):
         esc_stream.load(scale=2, model="turbo")
