@@ -15,7 +15,14 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 def demo_frames(n: int, size: tuple[int, int] = (64, 36)) -> list[np.ndarray]:
     """`n` consecutive real camera frames (RGB uint8), resized to `size` (w, h)."""
     files = sorted((SHARED / "realvideo_demo000").glob("*.png"))[:n]
-    return [np.asarray(Image.open(f).convert("RGB").resize(size, Image.BICUBIC)) for f in files]
+    if files:
+        return [np.asarray(Image.open(f).convert("RGB").resize(size, Image.BICUBIC)) for f in files]
+    # without ../shared (a bare clone): the same camera's frames from the clip bundled for `make example`
+    clip = Path(__file__).resolve().parents[1] / "examples" / "realvideo_demo000.mp4"
+    with av.open(str(clip)) as src:
+        decoded = zip(range(n), src.decode(video=0), strict=False)
+        frames = [f.to_image().resize(size, Image.BICUBIC) for _, f in decoded]
+    return [np.asarray(im.convert("RGB")) for im in frames]
 
 
 def nearest_weights(path: Path) -> Path:
