@@ -41,7 +41,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -624,6 +624,22 @@ def large_kernel_of(model: nn.Module) -> LargeKernelFFT | None:
 _ALLOCATOR_TUNED = False
 
 
+_PROCESS: ctypes.CDLL | None = None
+
+
+def _malloc_function(name: str) -> Any:
+    """glibc's malloc control `name` (mallopt, malloc_trim), or None off Linux, without it (musl) or with
+    ESC_STREAM_MALLOC_TUNING=0. The process's symbol table is opened once."""
+    global _PROCESS
+    if os.environ.get("ESC_STREAM_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    try:
+        _PROCESS = _PROCESS or ctypes.CDLL(None)
+        return getattr(_PROCESS, name)
+    except (OSError, AttributeError):
+        return None
+
+
 def tune_allocator() -> bool:
     """Have glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of returning them to the
     system, so the per-layer activations of every frame after the first reuse memory that is already
@@ -632,11 +648,8 @@ def tune_allocator() -> bool:
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return True
-    if os.environ.get("ESC_STREAM_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # glibc only (musl has none)
-    except (OSError, AttributeError):
+    mallopt = _malloc_function("mallopt")
+    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     _ALLOCATOR_TUNED = bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, 2**30))
@@ -651,11 +664,8 @@ def release_free_heap() -> bool:
     with nothing trimmed the heap's resident size grew ~270 MB past the live bytes over a 540p frame at --tile
     256. The pages come back on first use (page faults: a small cost next to a tile's compute). Whole frames
     never call it, so the fast path keeps its mapped memory. ESC_STREAM_MALLOC_TUNING=0 turns it off too."""
-    if os.environ.get("ESC_STREAM_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim  # glibc only
-    except (OSError, AttributeError):
+    trim = _malloc_function("malloc_trim")
+    if trim is None:
         return False
     trim(0)
     return True
